@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both create .venv on first use: torch first (pinned; on this CPU machine the local
+# CPU wheel), then triton and the rest, then the package itself (editable).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: test test-interpreter test-torch demo bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q triton numpy transformers datasets pytest tqdm matplotlib safetensors trl accelerate
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# Pass 1: Triton kernels under the CPU interpreter (natively on a CUDA machine).
+# Pass 2: the PyTorch backend, torch.compile and everything above the kernels.
+test: $(STAMP)
+	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
+	  TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not no_interpreter" tests; fi
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m minorsft demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_logprobs
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache
