@@ -20,7 +20,7 @@ CASES = [
 ]
 FNS = {"sft": ms.sft_loss, "minor_sft": ms.minor_sft_loss, "dpo": ms.dpo_loss,
        "minor_dpo": ms.minor_dpo_loss}
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 
 def _inputs(kind, dtype, device, B=4, T=13, V=1031):
@@ -62,6 +62,11 @@ def test_loss_and_grad(kind, opts, reduction, dtype, backend, device):
     same_grad = grad_of(lambda x: _eager(kind, opts, x, labels, ref_logits, reduction, dtype=dtype),
                         logits, up)
     assert_error_bar(grad, same_grad, ref_grad, atol=ATOL[dtype], rtol=1e-3, name=f"{kind} grad")
+
+
+@pytest.mark.parametrize("kind,opts", CASES, ids=[f"{k}-{'-'.join(map(str, o.values()))}" for k, o in CASES])
+def test_loss_and_grad_fp16(kind, opts, backend, device):
+    test_loss_and_grad(kind, opts, "mean", torch.float16, backend, device)
 
 
 @pytest.mark.parametrize("kind,opts", [c for c in CASES if c[0] != "sft"],

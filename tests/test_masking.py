@@ -78,3 +78,18 @@ def test_out_of_range_label_without_check_is_nan_not_oob(backend, device):
     lp = ms.token_logprobs(logits, labels, backend=backend, check_labels=False)
     assert torch.isnan(lp[0, 3]) and torch.isnan(lp[1, 3])
     assert torch.isfinite(lp[:, :3]).all()
+
+
+def test_masked_rows_are_not_read(backend, device):
+    """NaN/inf in masked rows (e.g. padding) must not reach the loss or the gradient."""
+    logits, labels = make_batch(4, 6, 300, torch.bfloat16, device)
+    logits = logits.detach().clone()
+    masked = labels == -100
+    logits[masked] = float("nan")
+    ref = torch.randn(logits.shape, device=device).to(logits.dtype)
+    ref[masked] = float("inf")
+    logits.requires_grad_(True)
+    loss = ms.minor_dpo_loss(logits, labels, ref_logits=ref, backend=backend)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss)
+    assert torch.isfinite(g).all() and (g[masked] == 0).all()
