@@ -29,6 +29,7 @@ outside ``[0, V)`` is never used as an address: it yields a NaN log-prob.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -47,12 +48,35 @@ DEFAULT_BLOCK_V = 4096
 DEFAULT_NUM_WARPS = 8
 
 
-def launch_config(vocab: int, block_v: Optional[int] = None) -> Tuple[int, int]:
-    """Return ``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` entries."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(vocab: int, n_rows: int, device: torch.device,
+                  block_v: Optional[int] = None) -> Tuple[int, int, int, int]:
+    """Return ``(BLOCK_V, num_warps, CHUNK_V, splits)`` for ``n_rows`` rows of ``vocab``.
+
+    With many rows a program owns a whole row (``splits == 1``). With few rows (fewer
+    than two per SM) the vocabulary is split into ``splits`` chunks of ``CHUNK_V``
+    columns so that about four programs per SM stream the logits; the forward then
+    merges the per-chunk (max, sum) partials. ``MINORSFT_SPLIT_V`` forces a split count
+    (tests, tuning).
+    """
     block = block_v or int(os.environ.get("MINORSFT_BLOCK_V", DEFAULT_BLOCK_V))
-    block = min(triton.next_power_of_2(block), triton.next_power_of_2(vocab))
+    block = max(16, min(triton.next_power_of_2(block), triton.next_power_of_2(vocab)))
     warps = int(os.environ.get("MINORSFT_NUM_WARPS", DEFAULT_NUM_WARPS))
-    return max(block, 16), warps
+    n_blocks = triton.cdiv(vocab, block)
+    forced = os.environ.get("MINORSFT_SPLIT_V")
+    if forced:
+        splits = int(forced)
+    elif device.type == "cuda" and n_rows < 2 * _sm_count(device.index or 0):
+        splits = triton.cdiv(4 * _sm_count(device.index or 0), max(n_rows, 1))
+    else:
+        splits = 1
+    splits = max(1, min(splits, n_blocks))
+    chunk = triton.cdiv(n_blocks, splits) * block
+    return block, warps, chunk, triton.cdiv(vocab, chunk)
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -81,40 +105,56 @@ def _cast_out(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _row_lse2(row_ptr, stride_v, V, scale2, BLOCK_V: tl.constexpr):
-    """logsumexp of ``row * scale2`` in base 2 (``scale2 = log2(e) / tau``), fp32.
+def _chunk_stats(row_ptr, stride_v, lo, hi, y, y_ok, scale2, BLOCK_V: tl.constexpr):
+    """Online max / sum-of-exp2 of ``row[lo:hi] * scale2`` (``scale2 = log2(e)/tau``).
 
-    Online form: per block, one max reduction, one exp2 per element, one sum.
+    Returns ``(m, s, tgt)``: the running max and ``sum exp2(x - m)`` in fp32 (one max
+    reduction, one exp2 per element, one sum per block) and the scaled target logit
+    when ``y`` lies in ``[lo, hi)`` (NaN when the label is out of range).
     """
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
-    for start in range(0, V, BLOCK_V):
+    for start in range(lo, hi, BLOCK_V):
         cols = start + offs
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < V,
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < hi,
                     other=float("-inf")).to(tl.float32) * scale2
         m_new = tl.maximum(m, tl.max(x, 0))
         s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), 0)
         m = m_new
-    return m + tl.log2(s)
+    hit = y_ok & (y >= lo) & (y < hi)
+    tgt = tl.load(row_ptr + y * stride_v, mask=hit, other=float("nan")).to(tl.float32) * scale2
+    return m, s, tgt
 
 
 @triton.jit
-def _row_logprob(row_ptr, stride_v, V, y, y_ok, scale2, BLOCK_V: tl.constexpr):
-    """(target log-prob, natural-log lse) of one row; NaN log-prob if ``y_ok`` is false."""
-    lse2 = _row_lse2(row_ptr, stride_v, V, scale2, BLOCK_V)
-    tgt = tl.load(row_ptr + y * stride_v, mask=y_ok, other=float("nan")).to(tl.float32)
-    return (tgt * scale2 - lse2) * LN2, lse2 * LN2
+def _store_row(m, s, tgt, n, sp, S, y_ok, hit, out_ptr, lse_ptr, part_ptr, tgt_ptr,
+               SPLIT: tl.constexpr):
+    """Whole row: write the log-prob (and lse). Split row: write this chunk's (m, s)
+    partials and, from the chunk holding the label, the target logit."""
+    if SPLIT:
+        tl.store(part_ptr + (n * S + sp) * 2, m)
+        tl.store(part_ptr + (n * S + sp) * 2 + 1, s)
+        tl.store(tgt_ptr + n, tgt, mask=hit | ((sp == 0) & ~y_ok))
+    else:
+        lse2 = m + tl.log2(s)
+        tl.store(out_ptr + n, (tgt - lse2) * LN2)
+        if lse_ptr is not None:
+            tl.store(lse_ptr + n, lse2 * LN2)
 
 
-@triton.heuristics({"HAS_REF": lambda args: args["ref_ptr"] is not None})
+@triton.heuristics({
+    "HAS_REF": lambda args: args["ref_ptr"] is not None,
+    "SPLIT": lambda args: args["part_ptr"] is not None,
+})
 @triton.jit
 def _logprobs_fwd_kernel(
     # pointers
     logits_ptr, ref_ptr, labels_ptr,        # [B, T, V], [B, T, V] or None, [B, T] int
-    lp_ptr, lse_ptr, ref_lp_ptr,            # [B, T] fp32 outputs (contiguous)
+    lp_ptr, lse_ptr, ref_lp_ptr,            # [B, T] fp32 outputs (contiguous); whole rows
+    part_ptr, ref_part_ptr, tgt_ptr, ref_tgt_ptr,  # split rows: [N, S, 2] partials, [N] targets
     # shapes
-    T, V,
+    T, V, CHUNK_V,                          # CHUNK_V: columns per program (a BLOCK_V multiple)
     # strides, in elements
     stride_zb, stride_zt, stride_zv,
     stride_rb, stride_rt, stride_rv,
@@ -122,30 +162,38 @@ def _logprobs_fwd_kernel(
     # runtime scalars (not constexpr: changing them never recompiles)
     ignore_index, scale2,
     # flags
-    HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # int64 row index: b * stride_zb overflows int32 once N * V passes 2^31.
     n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)                   # vocabulary chunk (0 unless SPLIT)
+    S = tl.num_programs(1)
     b = n // T
     t = n % T
+    lo = sp * CHUNK_V
+    hi = tl.minimum(lo + CHUNK_V, V)
     y = tl.load(labels_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
     if y == ignore_index:
-        # Masked token: no logits are read.
-        tl.store(lp_ptr + n, 0.0)
-        tl.store(lse_ptr + n, 0.0)
+        # Masked token: no logits are read. (m, s) = (0, 1) gives a finite lse of 0.
+        zero = tl.zeros((), tl.float32)
+        is_true = y == ignore_index         # a tensor `True`, for the store masks
+        _store_row(zero, zero + 1.0, zero, n, sp, S, is_true, sp == 0,
+                   lp_ptr, lse_ptr, part_ptr, tgt_ptr, SPLIT)
         if HAS_REF:
-            tl.store(ref_lp_ptr + n, 0.0)
+            _store_row(zero, zero + 1.0, zero, n, sp, S, is_true, sp == 0,
+                       ref_lp_ptr, None, ref_part_ptr, ref_tgt_ptr, SPLIT)
         return
     y_ok = (y >= 0) & (y < V)
     y_safe = tl.where(y_ok, y, 0)
-    lp, lse = _row_logprob(logits_ptr + b * stride_zb + t * stride_zt, stride_zv, V,
-                           y_safe, y_ok, scale2, BLOCK_V)
-    tl.store(lp_ptr + n, lp)
-    tl.store(lse_ptr + n, lse)
+    hit = y_ok & (y >= lo) & (y < hi)
+    m, s, tgt = _chunk_stats(logits_ptr + b * stride_zb + t * stride_zt, stride_zv, lo, hi,
+                             y_safe, y_ok, scale2, BLOCK_V)
+    _store_row(m, s, tgt, n, sp, S, y_ok, hit, lp_ptr, lse_ptr, part_ptr, tgt_ptr, SPLIT)
     if HAS_REF:
-        ref_lp, _ = _row_logprob(ref_ptr + b * stride_rb + t * stride_rt, stride_rv, V,
+        m, s, tgt = _chunk_stats(ref_ptr + b * stride_rb + t * stride_rt, stride_rv, lo, hi,
                                  y_safe, y_ok, scale2, BLOCK_V)
-        tl.store(ref_lp_ptr + n, ref_lp)
+        _store_row(m, s, tgt, n, sp, S, y_ok, hit, ref_lp_ptr, None, ref_part_ptr, ref_tgt_ptr,
+                   SPLIT)
 
 
 @triton.jit
@@ -154,7 +202,7 @@ def _logprobs_bwd_kernel(
     logits_ptr, labels_ptr, lse_ptr, glp_ptr,   # [B, T, V], [B, T] int, [B, T] fp32 x2
     grad_ptr,                                   # [B, T, V] output (may alias logits)
     # shapes
-    T, V,
+    T, V, CHUNK_V,                              # CHUNK_V: columns per program
     # strides, in elements
     stride_zb, stride_zt, stride_zv,
     stride_yb, stride_yt,
@@ -165,6 +213,8 @@ def _logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
+    lo = tl.program_id(1) * CHUNK_V
+    hi = tl.minimum(lo + CHUNK_V, V)
     b = n // T
     t = n % T
     y = tl.load(labels_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
@@ -173,23 +223,32 @@ def _logprobs_bwd_kernel(
     offs = tl.arange(0, BLOCK_V)
     if (y == ignore_index) | (g == 0.0):
         # Zero coefficient: the gradient row is exactly 0, nothing to read.
-        for start in range(0, V, BLOCK_V):
+        for start in range(lo, hi, BLOCK_V):
             cols = start + offs
             tl.store(row_out + cols.to(tl.int64) * stride_dv,
                      _cast_out(tl.zeros((BLOCK_V,), tl.float32), grad_ptr.dtype.element_ty),
-                     mask=cols < V)
+                     mask=cols < hi)
         return
     row_in = logits_ptr + b * stride_zb + t * stride_zt
     lse2 = tl.load(lse_ptr + n) * LOG2E
     gs = g * inv_temp
-    for start in range(0, V, BLOCK_V):
+    for start in range(lo, hi, BLOCK_V):
         cols = start + offs
-        cmask = cols < V
+        cmask = cols < hi
         x = tl.load(row_in + cols.to(tl.int64) * stride_zv, mask=cmask, other=0.0).to(tl.float32)
         p = tl.exp2(x * scale2 - lse2)
         d = tl.where(cols == y, 1.0 - p, -p)   # target column in fp32, before rounding
         tl.store(row_out + cols.to(tl.int64) * stride_dv,
                  _cast_out(gs * d, grad_ptr.dtype.element_ty), mask=cmask)
+
+
+def _combine(part: torch.Tensor, tgt: torch.Tensor, keep: torch.Tensor):
+    """Merge split-row partials ``[N, S, 2]`` and targets ``[N]`` into (log-prob, lse)."""
+    m, s = part[..., 0], part[..., 1]
+    mx = m.amax(dim=1, keepdim=True)
+    lse2 = mx[:, 0] + torch.log2((s * torch.exp2(m - mx)).sum(dim=1))
+    zero = torch.zeros_like(lse2)
+    return torch.where(keep, (tgt - lse2) * LN2, zero), torch.where(keep, lse2 * LN2, zero)
 
 
 def logprobs_forward(
@@ -212,22 +271,38 @@ def logprobs_forward(
         where masked; ``ref_lp`` is an empty tensor when ``ref_logits`` is None.
     """
     B, T, V = logits.shape
+    N = B * T
     dev = logits.device
-    lp = _alloc((B, T), torch.float32, dev)
-    lse = _alloc((B, T), torch.float32, dev)
     has_ref = ref_logits is not None
     ref_lp = _alloc((B, T) if has_ref else (0,), torch.float32, dev)
-    if B * T == 0:
-        return lp, lse, ref_lp
-    block, warps = launch_config(V, block_v)
+    if N == 0:
+        return _alloc((B, T), torch.float32, dev), _alloc((B, T), torch.float32, dev), ref_lp
+    block, warps, chunk, splits = launch_config(V, N, dev, block_v)
     rs = ref_logits.stride() if has_ref else (0, 0, 0)
-    _logprobs_fwd_kernel[(B * T,)](
-        logits, ref_logits, labels, lp, lse, ref_lp,
-        T, V,
+    if splits == 1:
+        lp = _alloc((B, T), torch.float32, dev)
+        lse = _alloc((B, T), torch.float32, dev)
+        part = ref_part = tgt = ref_tgt = None
+    else:
+        lp = lse = None
+        part = _alloc((N, splits, 2), torch.float32, dev)
+        tgt = _alloc((N,), torch.float32, dev)
+        ref_part = _alloc((N, splits, 2), torch.float32, dev) if has_ref else None
+        ref_tgt = _alloc((N,), torch.float32, dev) if has_ref else None
+    _logprobs_fwd_kernel[(N, splits)](
+        logits, ref_logits, labels,
+        lp, lse, ref_lp if has_ref and splits == 1 else None,
+        part, ref_part, tgt, ref_tgt,
+        T, V, chunk,
         *logits.stride(), *rs, *labels.stride(),
         ignore_index, LOG2E / temperature,
         BLOCK_V=block, num_warps=warps,
     )
+    if splits > 1:
+        keep = (labels != ignore_index).reshape(N)
+        lp, lse = (x.view(B, T) for x in _combine(part, tgt, keep))
+        if has_ref:
+            ref_lp = _combine(ref_part, ref_tgt, keep)[0].view(B, T)
     return lp, lse, ref_lp
 
 
@@ -260,10 +335,10 @@ def logprobs_backward(
         out = _alloc((B, T, V), logits.dtype, logits.device)
     if B * T == 0:
         return out
-    block, warps = launch_config(V, block_v)
-    _logprobs_bwd_kernel[(B * T,)](
+    block, warps, chunk, splits = launch_config(V, B * T, logits.device, block_v)
+    _logprobs_bwd_kernel[(B * T, splits)](
         logits, labels, lse, grad_lp, out,
-        T, V,
+        T, V, chunk,
         *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
         ignore_index, LOG2E / temperature, 1.0 / temperature,
         BLOCK_V=block, num_warps=warps,

@@ -88,3 +88,31 @@ def test_no_grad_forward(backend, device):
     assert not lp.requires_grad
     assert_error_bar(lp, eager.token_logprobs(logits, labels, dtype=torch.float16),
                      eager.token_logprobs(logits, labels), atol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_vocabulary_grid(splits, device, monkeypatch):
+    """Few-row grid: the vocabulary split over programs, partials merged after."""
+    if "triton" not in __import__("tests.conftest", fromlist=["BACKENDS"]).BACKENDS:
+        pytest.skip("needs the Triton backend (CUDA or TRITON_INTERPRET=1)")
+    monkeypatch.setenv("MINORSFT_SPLIT_V", str(splits))
+    monkeypatch.setenv("MINORSFT_BLOCK_V", "128")
+    logits, labels = make_batch(4, 5, 1001, torch.bfloat16, device)
+    ref_logits = (logits.float() + torch.randn(logits.shape, device=device)).to(torch.bfloat16)
+    labels[1, 3] = 1000            # last column, in the last chunk
+    logits.requires_grad_(True)
+    loss, metrics = ms.minor_dpo_loss(logits, labels, ref_logits=ref_logits, beta=0.5,
+                                      backend="triton", return_metrics=True)
+    want, want_metrics = eager.loss("minor_dpo", logits, labels, ref_logits=ref_logits, beta=0.5)
+    same, _ = eager.loss("minor_dpo", logits, labels, ref_logits=ref_logits, beta=0.5,
+                         dtype=torch.bfloat16)
+    assert_error_bar(loss, same, want, atol=1e-4, rtol=1e-5, name="loss")
+    torch.testing.assert_close(metrics["logps/chosen"].double(), want_metrics["logps/chosen"],
+                               atol=1e-4, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref_grad = grad_of(lambda x: eager.loss("minor_dpo", x, labels, ref_logits=ref_logits,
+                                            beta=0.5)[0], logits, torch.ones(()), torch.float64)
+    assert_error_bar(grad, ref_grad.to(torch.bfloat16), ref_grad, atol=1e-4, rtol=1e-3, name="grad")
+    labels[0, 4] = 5000            # out of range, unchecked: NaN, not an out-of-bounds read
+    lp = ms.token_logprobs(logits, labels, backend="triton", check_labels=False)
+    assert torch.isnan(lp[0, 4]) and torch.isfinite(lp[1:]).all()
