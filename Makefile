@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-interpreter test-torch demo bench clean
+.PHONY: test demo bench bench-cpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m minorsft demo
 
+# CUDA microbenchmarks -> benchmarks/results/<gpu>-<yyyymmdd>-<sha>.json, README.md, PNGs.
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_logprobs
+	$(PY) -m benchmarks.bench_linear
+	$(PY) -m benchmarks.plot
+
+# Harness check under the Triton interpreter (CPU; not performance figures).
+bench-cpu: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m benchmarks.bench_logprobs --tiny --cpu-reps 1
+	$(PY) -m benchmarks.plot
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache

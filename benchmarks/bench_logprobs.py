@@ -1,0 +1,478 @@
+"""Benchmark of the logits path: token log-probs and the SFT / MinorSFT / MinorDPO / DPO losses.
+
+Every (shape, case, provider, mode) gets one row in a JSON results file (schema in
+``benchmarks/utils.py`` and issue 4). Shapes: ``tokens = B * T`` rows of ``V`` logits,
+``T = min(1024, tokens / 2)``, ``B = tokens / T`` (even, so DPO pairs split the batch);
+labels uniform in ``[0, V)``, none masked, so every row is read and the byte floor is
+exact. Inputs are fresh ``randn * 2`` logits drawn from a fixed seed (never zeros), drawn
+again for every provider and mode because some providers write gradients into their
+logits.
+
+Cases (``--cases``): ``token_logprobs``, ``sft``, ``minor_sft``, ``minor_dpo``, ``dpo`` with
+reference *logits*, and ``minor_sft_reflogps``, ``minor_dpo_reflogps``, ``dpo_reflogps``
+with precomputed reference token log-probs (the 8V and 6V byte floors of SPEC.md).
+
+Providers (``--providers``):
+- ``minorsft``: ``ms.token_logprobs`` / ``ms.sft_loss`` / ``ms.minor_sft_loss`` / ...
+- ``minorsft_inplace``: the same with ``inplace_backward=True`` (losses, ``fwd_bwd`` only)
+- ``eager``: fp32 ``log_softmax`` + ``gather`` + loss (``benchmarks/eager.py``)
+- ``compile``: ``torch.compile`` of that same eager function
+- ``liger``: Liger-Kernel's ``LigerCrossEntropyLoss`` (``sft`` only)
+- ``trl``: ``trl.kernels.selective_log_softmax_and_entropy`` for the token log-probs
+  (policy and reference), then the same loss formula on ``[B, T]``
+
+Modes: ``fwd`` (forward with gradients enabled, as in training), ``bwd`` (backward only,
+the forward graph kept with ``retain_graph``), ``fwd_bwd``. Before timing, each
+provider's forward output is checked against a chunked fp32 eager reference on the same
+inputs; a mismatch, an exception or an out-of-memory is recorded as a row with an
+``error`` field, never dropped. A provider whose package is missing gets rows with
+``error: "unavailable: ..."``.
+
+Examples::
+
+    python -m benchmarks.bench_logprobs                       # the full sweep (CUDA)
+    python -m benchmarks.bench_logprobs --goal                # bf16, V=128256, 16384 tokens
+    TRITON_INTERPRET=1 python -m benchmarks.bench_logprobs --tiny   # CPU harness check
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from benchmarks import eager
+from benchmarks import utils as U
+
+BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
+REFLOGPS_CASES = tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
+ALL_CASES = BASE_CASES + REFLOGPS_CASES
+# --goal runs every case, the issue-4 goal cases first (a time budget may cut the tail)
+GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps", "sft", "token_logprobs",
+              "dpo", "dpo_reflogps")
+PROVIDERS = ("minorsft", "minorsft_inplace", "eager", "compile", "liger", "trl")
+VOCABS = (32000, 128256, 151936, 262144)
+TOKENS = (4096, 16384, 65536)
+FP32_SHAPE = (128256, 4096)           # (vocab, tokens): the one fp32 shape
+GOAL_SHAPE = (128256, 16384)          # issue 4 goals: bf16, fwd_bwd
+TINY_VOCABS = (1000, 3001)
+TINY_TOKENS = (64,)
+TINY_FP32_SHAPE = (1000, 64)
+BETA = 0.1
+LOGIT_SCALE = 2.0
+
+
+class Unavailable(RuntimeError):
+    """A provider whose library is missing or cannot run on this device."""
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    """One problem: ``logits [B, T, V]`` (leaf, requires grad), ``labels [B, T]``,
+    reference logits ``[B, T, V]`` or reference token log-probs ``[B, T]`` fp32 (or
+    neither), ``grad_out [B, T]`` fp32 (upstream gradient for ``token_logprobs``)."""
+    logits: torch.Tensor
+    labels: torch.Tensor
+    ref_logits: Optional[torch.Tensor]
+    ref_logprobs: Optional[torch.Tensor]
+    grad_out: torch.Tensor
+
+
+def base_case(case: str) -> str:
+    return case[: -len(U.REF_LOGPS_SUFFIX)] if case.endswith(U.REF_LOGPS_SUFFIX) else case
+
+
+def ref_kind(case: str) -> Optional[str]:
+    """``"logits"``, ``"logprobs"`` or ``None`` (no reference)."""
+    if case.endswith(U.REF_LOGPS_SUFFIX):
+        return "logprobs"
+    return "logits" if case in U.REF_LOGITS_CASES else None
+
+
+def batch_shape(tokens: int) -> Tuple[int, int]:
+    """``(B, T)`` with ``B * T = tokens``, ``T = min(1024, tokens / 2)``, ``B`` even."""
+    seq = min(1024, tokens // 2)
+    if seq < 1 or tokens % seq or (tokens // seq) % 2:
+        raise ValueError(f"tokens: {tokens} must split into an even number of sequences of {seq}")
+    return tokens // seq, seq
+
+
+def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                seed: int) -> Inputs:
+    """Fresh random inputs, identical for the same arguments (seeded generator)."""
+    b, t = batch_shape(tokens)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(b, t, vocab, generator=gen, device=device, dtype=dtype).mul_(LOGIT_SCALE)
+    labels = torch.randint(0, vocab, (b, t), generator=gen, device=device)
+    ref_logits = ref_logprobs = None
+    kind = ref_kind(case)
+    if kind == "logits":
+        ref_logits = torch.randn(b, t, vocab, generator=gen, device=device, dtype=dtype).mul_(LOGIT_SCALE)
+    elif kind == "logprobs":
+        # plausible per-token log-probs of a reference model, in (-3 log V, 0)
+        ref_logprobs = torch.rand(b, t, generator=gen, device=device).mul_(-3.0 * math.log(vocab))
+    grad_out = torch.randn(b, t, generator=gen, device=device)
+    logits.requires_grad_(True)
+    return Inputs(logits, labels, ref_logits, ref_logprobs, grad_out)
+
+
+def input_bytes(case: str, tokens: int, vocab: int, elem: int) -> int:
+    """Bytes of the vocabulary-sized inputs plus one gradient buffer of the logits."""
+    n_vocab_tensors = 2 + (1 if ref_kind(case) == "logits" else 0)
+    return n_vocab_tensors * tokens * vocab * elem
+
+
+# --------------------------------------------------------------------------- reference
+@torch.no_grad()
+def reference_output(case: str, inp: Inputs, max_chunk_bytes: int = 2**30) -> torch.Tensor:
+    """The case's output (token log-probs ``[B, T]`` or the scalar loss) computed with the
+    eager fp32 formula sequence-chunk by sequence-chunk, so that it fits in memory where
+    the unchunked eager provider does not."""
+    b, t, v = inp.logits.shape
+    rows = max(1, min(b, max_chunk_bytes // max(1, t * v * 4)))
+
+    def tok_of(x):
+        parts = [eager.token_logprobs(x[i:i + rows], inp.labels[i:i + rows])[0] for i in range(0, b, rows)]
+        return torch.cat(parts, 0)
+
+    tok = tok_of(inp.logits.detach())
+    mask = inp.labels != eager.IGNORE_INDEX
+    ref_tok = None
+    if inp.ref_logits is not None:
+        ref_tok = tok_of(inp.ref_logits)
+    elif inp.ref_logprobs is not None:
+        ref_tok = inp.ref_logprobs
+    return eager.loss_from_token_logprobs(base_case(case), tok, mask, ref_tok, BETA)
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-3) -> Optional[str]:
+    """``None`` if ``out`` matches the fp32 reference, else a short description.
+
+    Tolerance ``rtol (1 + max|ref|)``, plus one rounding step of ``out``'s dtype when a
+    provider returns a half-precision loss (Liger returns the loss in the logits' dtype).
+    """
+    half = out.dtype in (torch.bfloat16, torch.float16)
+    eps = torch.finfo(out.dtype).eps if half else 0.0
+    out = out.detach().float()
+    if out.shape != ref.shape:
+        return f"mismatch vs fp32 eager: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (out - ref).abs().max().item() if out.numel() else 0.0
+    ref_max = ref.abs().max().item() if ref.numel() else 0.0
+    scale = 1.0 + ref_max
+    if not (err <= rtol * scale + eps * ref_max):          # also catches NaN
+        return f"mismatch vs fp32 eager: max abs err {err:.3g} (scale {scale:.3g})"
+    return None
+
+
+# --------------------------------------------------------------------------- providers
+def applicable(provider: str, case: str, mode: str) -> bool:
+    """Combinations that exist at all (others are not rows, not failures)."""
+    if provider == "liger":
+        return case == "sft"
+    if provider == "minorsft_inplace":
+        return case != "token_logprobs" and mode == "fwd_bwd"
+    return True
+
+
+def _eager_token_logprobs(logits, labels):
+    return eager.token_logprobs(logits, labels)[0]
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _compiled(base: str) -> Callable:
+    if base not in _COMPILED:
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):   # renamed across torch versions
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(64, getattr(cfg, name)))
+        fn = _eager_token_logprobs if base == "token_logprobs" else eager.LOSSES[base]
+        _COMPILED[base] = torch.compile(fn)
+    return _COMPILED[base]
+
+
+def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = False) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable computing the case's output with ``provider``.
+
+    Raises ``Unavailable`` when the provider's library is missing or cannot run here.
+    """
+    base = base_case(case)
+    ref = {}
+    if inp.ref_logits is not None:
+        ref = {"ref_logits": inp.ref_logits}
+    elif inp.ref_logprobs is not None:
+        ref = {"ref_logprobs": inp.ref_logprobs}
+    logits, labels = inp.logits, inp.labels
+
+    if provider in ("minorsft", "minorsft_inplace"):
+        try:
+            import minorsft as ms
+            fn = {"token_logprobs": ms.token_logprobs, "sft": ms.sft_loss, "minor_sft": ms.minor_sft_loss,
+                  "minor_dpo": ms.minor_dpo_loss, "dpo": ms.dpo_loss}[base]
+        except (ImportError, AttributeError) as exc:
+            raise Unavailable(f"minorsft API not importable: {exc}") from exc
+        kw = dict(ref)
+        if base in U.REF_LOGITS_CASES:
+            kw["beta"] = BETA
+        if provider == "minorsft_inplace":
+            kw["inplace_backward"] = True
+        if no_label_check:
+            kw["check_labels"] = False
+        return lambda: fn(logits, labels, **kw)
+
+    if provider in ("eager", "compile"):
+        if base == "token_logprobs":
+            fn = _eager_token_logprobs if provider == "eager" else _compiled(base)
+            return lambda: fn(logits, labels)
+        fn = eager.LOSSES[base] if provider == "eager" else _compiled(base)
+        kw = dict(ref)
+        if base in U.REF_LOGITS_CASES:
+            kw["beta"] = BETA
+        return lambda: fn(logits, labels, **kw)
+
+    if provider == "liger":
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+        except ImportError as exc:
+            raise Unavailable(f"liger-kernel not installed: {exc}") from exc
+        if logits.device.type != "cuda" and not U.interpreter():
+            raise Unavailable("liger-kernel needs CUDA or TRITON_INTERPRET=1")
+        mod = LigerCrossEntropyLoss(ignore_index=eager.IGNORE_INDEX, reduction="mean")
+        v = logits.shape[-1]
+        return lambda: mod(logits.view(-1, v), labels.view(-1))
+
+    if provider == "trl":
+        try:
+            from trl.kernels import selective_log_softmax_and_entropy as trl_logps
+        except ImportError as exc:
+            raise Unavailable(f"trl.kernels.selective_log_softmax_and_entropy not importable: {exc}") from exc
+        mask = labels != eager.IGNORE_INDEX
+        safe = labels.clamp(min=0)
+
+        def run():
+            tok = trl_logps(logits, safe, 1.0, mask)[0]
+            ref_tok = None
+            if inp.ref_logits is not None:
+                with torch.no_grad():
+                    ref_tok = trl_logps(inp.ref_logits, safe, 1.0, mask)[0]
+            elif inp.ref_logprobs is not None:
+                ref_tok = inp.ref_logprobs
+            return eager.loss_from_token_logprobs(base, tok, mask, ref_tok, BETA)
+        return run
+
+    raise ValueError(f"provider: unknown {provider!r}, expected one of {PROVIDERS}")
+
+
+# --------------------------------------------------------------------------- measuring
+def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: torch.Tensor,
+            device: torch.device, args) -> Tuple[Optional[List[float]], Optional[float], Optional[str]]:
+    """``(times [median, p20, p80], peak MiB, error)`` of one provider/case/mode."""
+    try:
+        fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
+    except Unavailable as exc:
+        return None, None, f"unavailable: {exc}"[:300]
+    g = inp.grad_out if base_case(case) == "token_logprobs" else None
+    return time_mode(fn_fwd, mode, [inp.logits], g, ref_out, device, args)
+
+
+def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.Tensor],
+              g: Optional[torch.Tensor], ref_out: torch.Tensor, device: torch.device,
+              args, rtol: float = 1e-3) -> Tuple[Optional[List[float]], Optional[float], Optional[str]]:
+    """Check ``fn_fwd()`` against ``ref_out``, then time ``mode`` and measure its peak memory.
+
+    ``leaves``: the tensors that receive gradients (their ``.grad`` is reset before every
+    call); ``g``: the upstream gradient of a non-scalar output (``None`` for a loss).
+    Exceptions (OOM included) become the error string.
+    """
+    try:
+        out = fn_fwd()                        # warm-up (and compile), then check the value
+        bad = check_close(out, ref_out, rtol)
+        if bad:
+            return None, None, bad
+        if mode == "fwd":
+            del out
+            fn = fn_fwd
+        elif mode == "bwd":
+            out.backward(g, retain_graph=True)    # warm the backward
+            fn = lambda: out.backward(g, retain_graph=True)  # noqa: E731
+        else:
+            out.backward(g)
+            del out
+            fn = lambda: fn_fwd().backward(g)  # noqa: E731
+        for t in leaves:
+            t.grad = None
+        times = U.bench_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, grad_to_none=leaves,
+                           cpu_reps=args.cpu_reps)
+        peak = U.peak_mem_delta_mib(fn, device, grad_to_none=leaves)
+        return times, peak, None
+    except Exception as exc:  # noqa: BLE001 - a failing provider is a result, not a crash
+        return None, None, U.error_text(exc)
+    finally:
+        for t in leaves:
+            t.grad = None
+
+
+def shape_list(args) -> List[Tuple[str, int, int]]:
+    """``(dtype, vocab, tokens)`` in run order, so that a time budget cuts the least useful
+    part: 16384 tokens across V (time vs V) first, then V = 128256 across the other token
+    counts (memory vs tokens), then the rest of the grid, then the fp32 shapes."""
+    n0 = GOAL_SHAPE[1] if GOAL_SHAPE[1] in args.tokens else args.tokens[0]
+    v0 = GOAL_SHAPE[0] if GOAL_SHAPE[0] in args.vocabs else args.vocabs[0]
+    grid = [(v, n) for v in args.vocabs for n in args.tokens]
+    ordered = sorted(grid, key=lambda vn: (0 if vn[1] == n0 else 1 if vn[0] == v0 else 2,
+                                           args.tokens.index(vn[1]), args.vocabs.index(vn[0])))
+    shapes = [(dt, v, n) for v, n in ordered for dt in args.dtypes]
+    for v, n in args.fp32_shapes:
+        if ("fp32", v, n) not in shapes:
+            shapes.append(("fp32", v, n))
+    return shapes
+
+
+def fmt_row(row: Dict[str, object]) -> str:
+    def f(x, spec="{:.3f}"):
+        return "-" if x is None else spec.format(x)
+    pct = ""
+    if row["ms_median"] and row["floor_ms"]:
+        pct = f"{100.0 * row['floor_ms'] / row['ms_median']:5.1f}%"
+    tail = f"  ERROR {row['error']}" if "error" in row else ""
+    return (f"{row['case']:<19} {row['provider']:<17} {row['mode']:<7} {row['dtype']:<4} "
+            f"N={row['tokens']:<6} V={row['vocab']:<6} med={f(row['ms_median'])} "
+            f"[{f(row['ms_p20'])}, {f(row['ms_p80'])}] ms  mem={f(row['peak_mem_delta_mib'], '{:.1f}')} MiB  "
+            f"floor={f(row['floor_ms'])} ms {pct}{tail}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
+    p.add_argument("--cases", type=csv, default=None,
+                   help=f"comma list of {ALL_CASES} (default: the first five; --goal: all)")
+    p.add_argument("--modes", type=csv, default=list(U.MODES))
+    p.add_argument("--providers", type=csv, default=list(PROVIDERS))
+    p.add_argument("--vocabs", type=ints, default=None, help=f"default {VOCABS} (--tiny {TINY_VOCABS})")
+    p.add_argument("--tokens", type=ints, default=None, help=f"default {TOKENS} (--tiny {TINY_TOKENS})")
+    p.add_argument("--dtypes", type=csv, default=["bf16"], help="dtypes of the V x tokens grid")
+    p.add_argument("--fp32-shapes", type=csv, default=None,
+                   help=f"extra fp32 shapes VxTOKENS, '' for none (default {FP32_SHAPE[0]}x{FP32_SHAPE[1]}, "
+                        f"--tiny {TINY_FP32_SHAPE[0]}x{TINY_FP32_SHAPE[1]}, --goal none)")
+    p.add_argument("--no-label-check", action="store_true",
+                   help="pass check_labels=False to minorsft (skips its one host sync per call)")
+    p.add_argument("--goal", action="store_true",
+                   help="only the goal shape (bf16, V=128256, 16384 tokens), all cases incl. *_reflogps")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for the CPU interpreter (harness check)")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<gpu>-<date>-<sha>.json)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--cpu-reps", type=int, default=3)
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip rows already in the results file without an error (resume / avoid repeats)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no new shape/case after this many seconds (the rest is listed as not run)")
+    args = p.parse_args(argv)
+    if args.goal:
+        vocabs, tokens, fp32, cases = [GOAL_SHAPE[0]], [GOAL_SHAPE[1]], [], list(GOAL_CASES)
+    elif args.tiny:
+        vocabs, tokens, cases = list(TINY_VOCABS), list(TINY_TOKENS), list(BASE_CASES)
+        fp32 = [f"{TINY_FP32_SHAPE[0]}x{TINY_FP32_SHAPE[1]}"]
+    else:
+        vocabs, tokens, cases = list(VOCABS), list(TOKENS), list(BASE_CASES)
+        fp32 = [f"{FP32_SHAPE[0]}x{FP32_SHAPE[1]}"]
+    args.vocabs = args.vocabs if args.vocabs is not None else vocabs
+    args.tokens = args.tokens if args.tokens is not None else tokens
+    args.cases = args.cases if args.cases is not None else cases
+    args.fp32_shapes = args.fp32_shapes if args.fp32_shapes is not None else fp32
+    args.fp32_shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.fp32_shapes]
+    for name, vals, allowed in (("cases", args.cases, ALL_CASES), ("modes", args.modes, U.MODES),
+                                ("providers", args.providers, PROVIDERS), ("dtypes", args.dtypes, tuple(U.DTYPES))):
+        bad = [v for v in vals if v not in allowed]
+        if bad:
+            p.error(f"--{name}: unknown {bad}, expected some of {allowed}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    device = U.bench_device()
+    if device.type == "cpu" and not U.interpreter():
+        print("note: no CUDA device and TRITON_INTERPRET unset: minorsft runs its torch backend; "
+              "CPU numbers are not performance figures", file=sys.stderr)
+    label = U.device_label()
+    sha = U.git_sha()
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = args.out or U.default_result_path(os.path.join(here, "results"), label, sha)
+
+    measured_bw = U.copy_bandwidth_gbs(device)
+    results = U.load_results(path)
+    if results is not None and results.get("device") == label and results.get("git_sha") == sha:
+        bw = results["copy_bandwidth_gbs"]
+        print(f"appending to {path}; floors use its copy bandwidth {bw:.1f} GB/s "
+              f"(this run measured {measured_bw:.1f} GB/s)")
+    else:
+        results = U.new_results(label, sha, measured_bw)
+        bw = results["copy_bandwidth_gbs"]
+        print(f"writing {path}; copy bandwidth {bw:.1f} GB/s (read + write)")
+    print(f"device {label}  torch {results['torch']}  triton {results['triton']}  git {sha}")
+    if device.type == "cpu":
+        print("CPU run: times are NOT performance figures (harness validation only)")
+
+    start = time.perf_counter()
+    not_run = []
+    for dt, vocab, tokens in shape_list(args):
+        dtype = U.DTYPES[dt]
+        elem = torch.empty((), dtype=dtype).element_size()
+        for case in args.cases:
+            if args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s:
+                not_run.append(f"{case} {dt} V={vocab} N={tokens}")
+                continue
+            combos = [(p, m) for p in args.providers for m in args.modes if applicable(p, case, m)]
+            if args.skip_existing:
+                done = {U.row_key(r) for r in results["rows"] if "error" not in r}
+                combos = [(p, m) for p, m in combos if (case, p, m, dt, tokens, vocab) not in done]
+                if not combos:
+                    continue
+            need, free = input_bytes(case, tokens, vocab, elem), U.free_bytes(device)
+            ref_out, skip = None, None
+            if free is not None and need > 0.97 * free:
+                skip = f"skipped: inputs + one gradient need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+            else:
+                try:
+                    inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
+                    ref_out = reference_output(case, inp)
+                    del inp
+                except Exception as exc:  # noqa: BLE001
+                    skip = f"reference failed: {U.error_text(exc)}"
+                U.free_memory(device)
+            for provider, mode in combos:
+                floor = U.floor_ms(U.floor_bytes(case, mode, tokens, vocab, elem), bw)
+                if skip:
+                    row = U.make_row(case, provider, mode, dt, tokens, vocab, None, None, floor, error=skip)
+                else:
+                    try:
+                        inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
+                    except Exception as exc:  # noqa: BLE001
+                        inp, res = None, (None, None, f"inputs: {U.error_text(exc)}")
+                    if inp is not None:
+                        res = measure(provider, case, mode, inp, ref_out, device, args)
+                    times, peak, err = res
+                    row = U.make_row(case, provider, mode, dt, tokens, vocab, times, peak, floor, error=err)
+                    inp = None
+                    U.free_memory(device)
+                U.add_row(results, row)
+                U.write_results(path, results)
+                print(fmt_row(row), flush=True)
+    if not_run:
+        print(f"time budget {args.time_budget_s} s reached; NOT run ({len(not_run)}): " + "; ".join(not_run))
+    print(f"wrote {path} ({len(results['rows'])} rows) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Shared benchmark utilities: timing, peak memory, copy bandwidth, byte floors, JSON.
+
+Measurement rules (issue 4):
+- time: median and 20th/80th percentiles of ``triton.testing.do_bench`` on CUDA (device
+  events, L2 flushed between runs); on CPU (the Triton interpreter, for validating the
+  harness only) a host-clock fallback with the same return shape. CPU numbers are not
+  performance figures.
+- memory: the peak of ``torch.cuda.max_memory_allocated`` during one call *minus* what
+  was allocated before it (the inputs, and for ``bwd`` the saved forward state); ``None``
+  on CPU.
+- floor: the bytes of SPEC.md section 4 (``floor_bytes``) over a device-to-device copy
+  bandwidth measured in the same run (``copy_bandwidth_gbs``, bytes read + written).
+- results: one JSON per run with exactly the schema of issue 4 (``write_results``); a
+  failed row carries one extra key, ``error``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+ROW_KEYS = ("case", "provider", "mode", "dtype", "tokens", "vocab", "ms_median", "ms_p20", "ms_p80",
+            "peak_mem_delta_mib", "floor_ms")
+TOP_KEYS = ("device", "torch", "triton", "git_sha", "timestamp", "copy_bandwidth_gbs", "rows")
+MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Cases whose loss reads reference *logits* (one more [N, V] read in the forward). The
+# "_reflogps" variants take precomputed reference token log-probs instead ([N] fp32).
+REF_LOGITS_CASES = ("minor_sft", "minor_dpo", "dpo")
+REF_LOGPS_SUFFIX = "_reflogps"
+
+
+def interpreter() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def bench_device() -> torch.device:
+    """``cuda`` when a GPU is present, else ``cpu`` (meaningful only with the interpreter)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_label() -> str:
+    """The ``device`` field: the GPU name, ``cpu-interpreter`` or ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu-interpreter" if interpreter() else "cpu"
+
+
+def slug(text: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (file-name safe)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def git_sha() -> str:
+    """Short commit of the checkout: ``$MINORSFT_GIT_SHA`` if set (the device machine may
+    have no ``.git``), else ``git rev-parse --short HEAD``, else ``nogit``. A ``+dirty``
+    suffix is *not* added: run benchmarks on committed code."""
+    env = os.environ.get("MINORSFT_GIT_SHA")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        sha = out.stdout.strip()
+        return sha if out.returncode == 0 and sha else "nogit"
+    except (OSError, subprocess.SubprocessError):
+        return "nogit"
+
+
+def versions() -> Dict[str, str]:
+    """``torch`` and ``triton`` version strings (``"absent"`` when Triton is missing)."""
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "absent"
+    return {"torch": torch.__version__, "triton": tv}
+
+
+def default_result_path(results_dir: str, device: str, sha: str, when: Optional[_dt.datetime] = None) -> str:
+    """``<results_dir>/<gpu>-<yyyymmdd>-<sha>.json``."""
+    when = when or _dt.datetime.now(_dt.timezone.utc)
+    return os.path.join(results_dir, f"{slug(device)}-{when:%Y%m%d}-{sha}.json")
+
+
+# --------------------------------------------------------------------------- bytes
+def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int) -> int:
+    """Fewest device-memory bytes a fused kernel must move, SPEC.md section 4.
+
+    Per token, with ``e`` bytes per logit element and vocabulary ``V``:
+
+    ============================== ========= ======= ============
+    case                            fwd       bwd     fwd_bwd
+    ============================== ========= ======= ============
+    token_logprobs, sft             eV        2eV     3eV
+    minor_sft, minor_dpo, dpo       2eV       2eV     4eV  (8V bf16)
+    (reference logits)
+    ``*_reflogps`` (precomputed     eV        2eV     3eV  (6V bf16)
+    reference token log-probs)
+    ============================== ========= ======= ============
+
+    forward reads the policy row (and the reference row when the case takes reference
+    logits); backward reads the policy row once and writes its gradient once (the
+    reference has no gradient). Per-token O(1) traffic (labels, fp32 log-probs,
+    logsumexp, per-sequence sums: under 32 bytes a token, < 0.05% at V >= 32000) is left
+    out, so the floor is a slight *under*-estimate.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: got {mode!r}, expected one of {MODES}")
+    base = case[: -len(REF_LOGPS_SUFFIX)] if case.endswith(REF_LOGPS_SUFFIX) else case
+    if base not in ("token_logprobs", "sft") + REF_LOGITS_CASES:
+        raise ValueError(f"case: unknown {case!r}")
+    ref_rows = 1 if (base in REF_LOGITS_CASES and not case.endswith(REF_LOGPS_SUFFIX)) else 0
+    fwd = (1 + ref_rows) * vocab * elem_bytes
+    bwd = 2 * vocab * elem_bytes
+    per_token = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+    return per_token * tokens
+
+
+def floor_ms(nbytes: int, copy_bandwidth_gbs: Optional[float]) -> Optional[float]:
+    """``nbytes`` at the measured copy bandwidth (GB/s = 1e9 bytes/s), in milliseconds."""
+    if not copy_bandwidth_gbs:
+        return None
+    return nbytes / (copy_bandwidth_gbs * 1e9) * 1e3
+
+
+# --------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25.0,
+             rep_ms: float = 100.0, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
+             cpu_reps: int = 3) -> List[float]:
+    """``[median, p20, p80]`` milliseconds of ``fn()``.
+
+    CUDA: ``triton.testing.do_bench`` (events, L2 flushed, ``grad_to_none`` reset
+    between runs so backward writes fresh gradients rather than accumulating). CPU: one
+    warm-up call, then ``cpu_reps`` host-timed calls (harness validation only).
+    """
+    if device.type == "cuda":
+        import triton.testing
+        res = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                      quantiles=[0.5, 0.2, 0.8])
+        return [float(x) for x in res]
+    times = []
+    for i in range(cpu_reps + 1):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        dt = (time.perf_counter() - t0) * 1e3
+        if i > 0:
+            times.append(dt)
+    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return [statistics.median(times), qs[1], qs[7]]
+
+
+def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,
+                       grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> Optional[float]:
+    """Peak allocated memory during one ``fn()`` minus the memory allocated before it, MiB.
+
+    What ``fn`` returns is dropped after the peak is read. ``None`` on CPU.
+    """
+    if device.type != "cuda":
+        return None
+    if grad_to_none:
+        for t in grad_to_none:
+            t.grad = None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return (peak - base) / 2**20
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: Optional[int] = None) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
+
+    CUDA: a 1 GiB fp32 buffer (20x the largest L2 of an H100/H200) copied with
+    ``Tensor.copy_``, median of ``do_bench``. CPU: a 64 MiB host copy (only so the CPU
+    JSON has a value).
+    """
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 64 * 2**20
+    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)   # random, never zeros
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * 4
+    ms = bench_ms(lambda: dst.copy_(src), device, warmup_ms=50, rep_ms=200, cpu_reps=5)[0]
+    del src, dst
+    free_memory(device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Free device memory in bytes (``None`` on CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` for a failed row; OOM is named as such."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    kind = "OOM" if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg.lower() \
+        else type(exc).__name__
+    return f"{kind}: {msg}"[:limit]
+
+
+# --------------------------------------------------------------------------- rows / JSON
+def make_row(case: str, provider: str, mode: str, dtype: str, tokens: int, vocab: int,
+             times: Optional[Sequence[float]], peak_mib: Optional[float], floor: Optional[float],
+             error: Optional[str] = None) -> Dict[str, object]:
+    """One result row with exactly ``ROW_KEYS`` (plus ``error`` on a failed row)."""
+    row = {
+        "case": case, "provider": provider, "mode": mode, "dtype": dtype,
+        "tokens": int(tokens), "vocab": int(vocab),
+        "ms_median": _num(times[0]) if times else None,
+        "ms_p20": _num(times[1]) if times else None,
+        "ms_p80": _num(times[2]) if times else None,
+        "peak_mem_delta_mib": _num(peak_mib),
+        "floor_ms": _num(floor),
+    }
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def _num(x: Optional[float]) -> Optional[float]:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return float(f"{float(x):.6g}")           # 6 significant digits
+
+
+def row_key(row: Dict[str, object]) -> tuple:
+    return tuple(row[k] for k in ("case", "provider", "mode", "dtype", "tokens", "vocab"))
+
+
+def new_results(device: str, sha: str, bandwidth: Optional[float]) -> Dict[str, object]:
+    """The top-level dict of the schema, with no rows yet."""
+    v = versions()
+    return {
+        "device": device, "torch": v["torch"], "triton": v["triton"], "git_sha": sha,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_gbs": _num(bandwidth), "rows": [],
+    }
+
+
+def load_results(path: str) -> Optional[Dict[str, object]]:
+    """An existing results file, or ``None``."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def add_row(results: Dict[str, object], row: Dict[str, object]) -> None:
+    """Append ``row``, replacing an earlier row with the same case/provider/mode/dtype/shape."""
+    key = row_key(row)
+    rows = [r for r in results["rows"] if row_key(r) != key]
+    rows.append(row)
+    results["rows"] = rows
+
+
+def write_results(path: str, results: Dict[str, object]) -> None:
+    """Write ``results`` atomically (a partial run still leaves a valid file)."""
+    check_schema(results)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({k: results[k] for k in TOP_KEYS}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def check_schema(results: Dict[str, object]) -> None:
+    """Raise ``ValueError`` unless ``results`` has exactly the issue-4 schema."""
+    if set(results) != set(TOP_KEYS):
+        raise ValueError(f"results keys: got {sorted(results)}, expected {sorted(TOP_KEYS)}")
+    for row in results["rows"]:
+        keys = set(row)
+        if keys != set(ROW_KEYS) and keys != set(ROW_KEYS) | {"error"}:
+            raise ValueError(f"row keys: got {sorted(keys)}, expected {sorted(ROW_KEYS)} (+ error)")
+        if "error" not in row and row["ms_median"] is None:
+            raise ValueError(f"row without time and without error: {row}")

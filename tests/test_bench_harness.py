@@ -1,0 +1,119 @@
+"""The benchmark harness: byte floors, and a tiny end-to-end run whose JSON has the issue-4 schema.
+
+The run goes through a subprocess (``python -m benchmarks.bench_logprobs``) so that
+``TRITON_INTERPRET=1`` is set before Triton compiles anything on a CPU-only machine;
+on a GPU it runs natively. It takes a few seconds on CPU (V=1000, 32 tokens).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import utils as U
+
+# Spawns its own TRITON_INTERPRET=1 subprocesses: one pass of `make test` is enough.
+pytestmark = pytest.mark.no_interpreter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("case, per_token_bf16", [
+    ("minor_sft", 8), ("minor_dpo", 8), ("dpo", 8),                       # reference logits: 8V
+    ("minor_sft_reflogps", 6), ("minor_dpo_reflogps", 6), ("dpo_reflogps", 6),  # precomputed: 6V
+    ("sft", 6), ("token_logprobs", 6),
+])
+def test_floor_bytes_fwd_bwd_matches_spec(case, per_token_bf16):
+    vocab, tokens = 128256, 16384
+    assert U.floor_bytes(case, "fwd_bwd", tokens, vocab, 2) == per_token_bf16 * vocab * tokens
+    # fwd + bwd add up, and fp32 doubles everything
+    assert (U.floor_bytes(case, "fwd", tokens, vocab, 2) + U.floor_bytes(case, "bwd", tokens, vocab, 2)
+            == U.floor_bytes(case, "fwd_bwd", tokens, vocab, 2))
+    assert U.floor_bytes(case, "fwd_bwd", tokens, vocab, 4) == 2 * per_token_bf16 * vocab * tokens
+
+
+def test_floor_bytes_rejects_unknown_names():
+    with pytest.raises(ValueError, match="mode"):
+        U.floor_bytes("sft", "fwd+bwd", 1, 1, 2)
+    with pytest.raises(ValueError, match="case"):
+        U.floor_bytes("kto", "fwd", 1, 1, 2)
+
+
+def test_schema_check_rejects_extra_keys():
+    res = U.new_results("cpu", "nogit", 1.0)
+    U.add_row(res, U.make_row("sft", "eager", "fwd", "bf16", 64, 1000, [1.0, 0.9, 1.1], None, 0.5))
+    U.check_schema(res)
+    res["rows"][0]["extra"] = 1
+    with pytest.raises(ValueError, match="row keys"):
+        U.check_schema(res)
+
+
+def test_tiny_run_writes_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--tiny", "--vocabs", "1000", "--tokens", "32",
+           "--cases", "minor_sft", "--modes", "fwd_bwd", "--providers", "minorsft,eager,liger",
+           "--fp32-shapes", "", "--cpu-reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert list(res) == list(U.TOP_KEYS)
+    assert res["device"] == ("cpu-interpreter" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    assert res["copy_bandwidth_gbs"] > 0
+    rows = {r["provider"]: r for r in res["rows"]}
+    # liger does not apply to minor_sft: no row at all (not a failure); both others measured
+    assert set(rows) == {"minorsft", "eager"}, res["rows"]
+    for provider, row in rows.items():
+        assert set(row) == set(U.ROW_KEYS), (provider, row)          # no "error" key: it ran
+        assert (row["case"], row["mode"], row["dtype"], row["tokens"], row["vocab"]) == (
+            "minor_sft", "fwd_bwd", "bf16", 32, 1000)
+        assert 0 < row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
+        expect_floor = U.floor_bytes("minor_sft", "fwd_bwd", 32, 1000, 2) / (res["copy_bandwidth_gbs"] * 1e9) * 1e3
+        assert row["floor_ms"] == pytest.approx(expect_floor, rel=1e-3)
+        assert (row["peak_mem_delta_mib"] is None) == (not torch.cuda.is_available())
+
+
+def test_tiny_linear_run_writes_schema(tmp_path):
+    out = tmp_path / "bench_linear.json"
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.bench_linear", "--tiny", "--vocabs", "1000", "--tokens", "32",
+           "--cases", "minor_dpo", "--providers", "minorsft,eager,cce", "--cpu-reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert list(res) == list(U.TOP_KEYS)
+    rows = {r["provider"]: r for r in res["rows"]}
+    assert set(rows) == {"minorsft", "eager"}, res["rows"]      # cce is sft-only: no row
+    for provider, row in rows.items():
+        assert set(row) == set(U.ROW_KEYS), (provider, row)
+        assert row["case"] == "linear_minor_dpo" and row["floor_ms"] is None
+        assert 0 < row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
+
+
+def test_plot_goal_table_ratios():
+    """The README goal check divides the right numbers (synthetic rows, never written to disk)."""
+    from benchmarks import plot
+
+    res = U.new_results("test-gpu", "nogit", 3000.0)
+    shape = ("minor_sft", "fwd_bwd", "bf16", 16384, 128256)
+
+    def add(provider, ms, mib, floor=8.0):
+        case, mode, dt, n, v = shape
+        U.add_row(res, U.make_row(case, provider, mode, dt, n, v, [ms, ms * 0.9, ms * 1.1], mib, floor))
+
+    grad_mib = 16384 * 128256 * 2 / 2**20
+    add("minorsft", 10.0, grad_mib)
+    add("minorsft_inplace", 10.0, 0.01 * grad_mib)
+    add("eager", 40.0, 6 * grad_mib)
+    add("compile", 15.0, 2 * grad_mib)
+    lines = plot.goal_table(res)
+    row = [ln for ln in lines if ln.startswith("| minor_sft ")]
+    assert row == ["| minor_sft | 10.000 | 80.0 | 4.00x | 1.50x | 1.000 | 0.010 |"], lines
