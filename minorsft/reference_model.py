@@ -1,0 +1,129 @@
+"""The reference model, two ways.
+
+(a) :func:`frozen_copy`: a frozen copy of the initial policy (eval mode, no grad,
+    optionally another dtype / device) whose logits feed the fused loss each step.
+(b) :func:`precompute_reference_logprobs`: one pass over the dataset computes each
+    sequence's summed reference log-probability; the result is cached on disk as
+    safetensors keyed by a hash of (model weights, tokenised data, max length), so
+    training then runs without the reference model in memory.
+
+Loading the cache never unpickles anything (safetensors holds only tensors).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+
+import torch
+
+CACHE_VERSION = "1"
+
+
+def frozen_copy(model: torch.nn.Module, *, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> torch.nn.Module:
+    """A deep copy of ``model`` in eval mode with ``requires_grad=False`` everywhere,
+    optionally cast to ``dtype`` and moved to ``device``."""
+    ref = copy.deepcopy(model)
+    if dtype is not None or device is not None:
+        ref = ref.to(device=device, dtype=dtype)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over parameter/buffer names, shapes, dtypes and bytes (one read of the weights)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(model_hash: str, data_hash: str, max_length: int, temperature: float = 1.0,
+              compute_dtype: str = "none") -> str:
+    """The cache key: a short hash of model, data, max length, temperature and autocast dtype."""
+    payload = json.dumps({"v": CACHE_VERSION, "model": model_hash, "data": data_hash,
+                          "max_length": int(max_length), "temperature": float(temperature),
+                          "compute_dtype": compute_dtype},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: dict, *, temperature: float = 1.0, backend=None,
+                      autocast_dtype=None) -> torch.Tensor:
+    """Summed log-probability of the labelled tokens of each row: ``[B]`` fp32.
+
+    ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (HF convention,
+    unshifted) already on the model's device.
+    """
+    import minorsft as ms
+
+    device = batch["input_ids"].device
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))
+    with ctx:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lp = ms.token_logprobs(logits[:, :-1], batch["labels"][:, 1:], temperature=temperature, backend=backend,
+                           check_labels=False)
+    return lp.float().sum(-1)
+
+
+def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int, max_length: int,
+                                  cache_dir: str | None, device=None, temperature: float = 1.0,
+                                  backend=None, autocast_dtype=None, log=print):
+    """Per-sequence reference log-prob sums for every example of ``dataset``.
+
+    Returns ``(table, hit)``: ``table`` is ``[N]`` (SFT) or ``[N, 2]`` (pairs: chosen,
+    rejected) fp32 on the CPU, indexed by ``Example.index``; ``hit`` tells whether it
+    came from the cache ``{cache_dir}/ref-{key}.safetensors`` (written atomically on a
+    miss; no cache when ``cache_dir`` is None).
+    """
+    from safetensors.torch import load_file, save_file
+
+    key = cache_key(model_fingerprint(model), dataset.fingerprint, max_length, temperature,
+                    str(autocast_dtype))
+    path = os.path.join(cache_dir, f"ref-{key}.safetensors") if cache_dir else None
+    n = len(dataset)
+    if path and os.path.exists(path):
+        table = load_file(path)["ref_logps"]
+        expected = (n, 2) if dataset.kind == "pairs" else (n,)
+        if tuple(table.shape) == expected:
+            log(f"reference cache hit: {path}")
+            return table, True
+        log(f"reference cache {path} has shape {tuple(table.shape)}, expected {expected}: recomputing")
+    log(f"reference cache miss: computing reference log-probs for {n} examples")
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rows = []
+    try:
+        for start in range(0, n, batch_size):
+            exs = dataset.examples[start: start + batch_size]
+            b = collate_fn(exs)
+            b = {k: v.to(device) for k, v in b.items() if k != "index"}
+            s = sequence_logprobs(model, b, temperature=temperature, backend=backend,
+                                  autocast_dtype=autocast_dtype).cpu()
+            rows.append(torch.stack(s.chunk(2), dim=1) if dataset.kind == "pairs" else s)
+    finally:
+        model.train(was_training)
+    table = torch.cat(rows).contiguous()
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({"ref_logps": table}, tmp, metadata={"key": key, "kind": dataset.kind,
+                                                        "source": str(dataset.source)})
+        os.replace(tmp, path)
+        log(f"reference cache written: {path}")
+    return table, False
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor, kind: str) -> torch.Tensor:
+    """Rows of ``table`` for a batch's ``index`` ``[B]`` in the loss layout: ``[B]`` for SFT,
+    ``[2B]`` (chosen then rejected) for pairs."""
+    rows = table[index]
+    return torch.cat([rows[:, 0], rows[:, 1]]) if kind == "pairs" else rows

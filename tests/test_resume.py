@@ -1,0 +1,123 @@
+"""Checkpoints: --resume continues exactly, incompatible configs are refused up front,
+a crash mid-save never becomes the latest checkpoint, nothing is unpickled."""
+import dataclasses
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minorsft import tiny
+from minorsft import train as T
+from minorsft.train import TrainConfig, train
+
+
+# The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.
+pytestmark = pytest.mark.no_interpreter
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tiny.write_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), n_train=40, n_eval=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, synth):
+    out = tmp_path_factory.mktemp("full")
+    cfg = TrainConfig(loss="minor_sft", data=synth["train"], out_dir=str(out / "run"), max_steps=6,
+                      batch_size=3, grad_accum=2, lr=5e-3, warmup_steps=2, log_every=4, save_every=3,
+                      max_length=32, progress=False, seed=2)
+    return cfg, train(cfg)
+
+
+def test_resume_gives_the_same_losses_and_weights(tmp_path, full_run):
+    cfg, full = full_run
+    resumed = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "resumed"),
+                                        resume=os.path.join(cfg.out_dir, "checkpoint-3")))
+    assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
+    want = {h["step"]: h for h in full["history"]}
+    for h in resumed["history"]:
+        assert h["loss"] == pytest.approx(want[h["step"]]["loss"], rel=1e-6, abs=1e-7)
+        assert h["lr"] == pytest.approx(want[h["step"]]["lr"], rel=1e-12)
+    a = load_file(os.path.join(full["checkpoint"], "model.safetensors"))
+    b = load_file(os.path.join(resumed["checkpoint"], "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_latest_in_place_keeps_metrics_consistent(tmp_path, synth):
+    cfg = TrainConfig(loss="sft", data=synth["train"], out_dir=str(tmp_path / "run"), max_steps=2,
+                      batch_size=4, save_every=1, log_every=1, max_length=32, progress=False)
+    train(cfg)
+    with open(os.path.join(cfg.out_dir, "latest")) as f:
+        assert f.read().strip() == "checkpoint-2"
+    again = train(dataclasses.replace(cfg, resume="latest"))
+    assert again["history"] == [] and again["step"] == 2  # nothing left to do
+
+
+@pytest.mark.parametrize("change", [dict(batch_size=4), dict(loss="sft"), dict(beta=0.2), dict(lr=1e-3),
+                                    dict(max_length=16), dict(seed=3)])
+def test_incompatible_resume_is_refused_before_any_work(tmp_path, full_run, change):
+    cfg, _ = full_run
+    new_out = tmp_path / "new"
+    bad = dataclasses.replace(cfg, out_dir=str(new_out), resume=os.path.join(cfg.out_dir, "checkpoint-3"),
+                              **change)
+    with pytest.raises(ValueError, match=r"--resume: incompatible configuration: " + next(iter(change))):
+        train(bad)
+    assert not new_out.exists()
+
+
+def test_resume_of_a_missing_or_partial_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--resume latest"):
+        T.check_config(TrainConfig(out_dir=str(tmp_path), resume="latest"))
+    (tmp_path / "checkpoint-9").mkdir()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        T.check_config(TrainConfig(out_dir=str(tmp_path), resume=str(tmp_path / "checkpoint-9")))
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, synth, monkeypatch):
+    cfg = TrainConfig(loss="sft", data=synth["train"], out_dir=str(tmp_path / "run"), max_steps=4,
+                      batch_size=4, save_every=2, max_length=32, progress=False)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint dies half-written
+                raise KeyboardInterrupt("simulated interrupt")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    with open(os.path.join(cfg.out_dir, "latest")) as f:
+        assert f.read().strip() == "checkpoint-2"
+    assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoint-4"))
+    assert T._resolve_resume(dataclasses.replace(cfg, resume="latest")).endswith("checkpoint-2")
+    assert any(n.startswith(".tmp-checkpoint-4") for n in os.listdir(cfg.out_dir))
+    done = train(dataclasses.replace(cfg, resume="latest"))  # picks up at step 2, cleans the debris
+    assert [h["step"] for h in done["history"]] == [3, 4]
+    assert sorted(n for n in os.listdir(cfg.out_dir) if "checkpoint" in n) == ["checkpoint-2", "checkpoint-4"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_loading_a_checkpoint_never_unpickles_code(tmp_path, full_run, monkeypatch):
+    cfg, _ = full_run
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(cfg.out_dir, "checkpoint-3"), ckpt)
+    with open(ckpt / "optimizer.pt", "wb") as f:
+        pickle.dump({"state": _Evil()}, f)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), resume=str(ckpt)))
+    assert not (tmp_path / "pwned").exists()
