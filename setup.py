@@ -28,6 +28,7 @@ setup(
     extras_require={
         "test": ["pytest", "transformers>=4.45", "datasets", "matplotlib"],
         "bench": ["matplotlib"],
+        "train": ["transformers>=4.45", "datasets", "matplotlib"],
         "hf": ["transformers>=4.45", "datasets", "trl", "accelerate"],
     },
     entry_points={"console_scripts": ["minorsft=minorsft.cli:main"]},
