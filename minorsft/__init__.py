@@ -2,7 +2,9 @@
 
 Public API (SPEC.md section 3): :func:`token_logprobs`, :func:`sft_loss`,
 :func:`minor_sft_loss`, :func:`minor_dpo_loss`, :func:`dpo_loss` and the modules
-:class:`SFTLoss`, :class:`MinorSFTLoss`, :class:`MinorDPOLoss`, :class:`DPOLoss`.
+:class:`SFTLoss`, :class:`MinorSFTLoss`, :class:`MinorDPOLoss`, :class:`DPOLoss`;
+the fused linear path (hidden states + lm_head weight, no logits): ``linear_*``
+functions and ``Linear*Loss`` modules.
 """
 import importlib.util as _ilu
 import os as _os
@@ -41,6 +43,17 @@ from minorsft.functional import (  # noqa: E402
     sft_loss,
     token_logprobs,
 )
+from minorsft.linear import (  # noqa: E402
+    LinearDPOLoss,
+    LinearMinorDPOLoss,
+    LinearMinorSFTLoss,
+    LinearSFTLoss,
+    linear_dpo_loss,
+    linear_minor_dpo_loss,
+    linear_minor_sft_loss,
+    linear_sft_loss,
+    linear_token_logprobs,
+)
 from minorsft.modules import DPOLoss, MinorDPOLoss, MinorSFTLoss, SFTLoss  # noqa: E402
 from minorsft.ops import select_backend  # noqa: E402
 
@@ -50,4 +63,6 @@ __all__ = [
     "token_logprobs", "sft_loss", "minor_sft_loss", "minor_dpo_loss", "dpo_loss",
     "lobass_learnability", "loss_from_token_logprobs", "select_backend", "losses",
     "SFTLoss", "MinorSFTLoss", "MinorDPOLoss", "DPOLoss",
+    "linear_token_logprobs", "linear_sft_loss", "linear_minor_sft_loss", "linear_minor_dpo_loss",
+    "linear_dpo_loss", "LinearSFTLoss", "LinearMinorSFTLoss", "LinearMinorDPOLoss", "LinearDPOLoss",
 ]
