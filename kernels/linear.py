@@ -53,8 +53,13 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc
+
+# Inside @triton.jit code a global must be a constexpr (a plain float global is a
+# compile error on the GPU that the CPU interpreter does not report).
+LN2_C = tl.constexpr(LN2)
+LOG2E_C = tl.constexpr(LOG2E)
+
 
 # Default launch configuration (untuned until measured on hardware): 64 token rows x
 # 128 vocabulary columns per tile, 64 hidden elements per tl.dot slice, 8 warps.
@@ -110,13 +115,6 @@ def dot_upcast(dtype: torch.dtype) -> bool:
     """
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Output buffer; NaN-poisoned when MINORSFT_DEBUG_POISON=1 (tests) so that an
-    element the kernel forgets to write shows up."""
-    if os.environ.get("MINORSFT_DEBUG_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -203,9 +201,9 @@ def _linear_fwd_kernel(
         s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), 1)
         m = m_new
     lse2 = m + tl.log2(s)
-    lp = tl.where(y_ok, (tgt - lse2) * LN2, float("nan"))
+    lp = tl.where(y_ok, (tgt - lse2) * LN2_C, float("nan"))
     tl.store(lp_ptr + rows, tl.where(keep, lp, zero), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(keep, lse2 * LN2, zero), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(keep, lse2 * LN2_C, zero), mask=row_ok)
 
 
 @triton.heuristics({
@@ -258,7 +256,7 @@ def _linear_bwd_kernel(
         # Every coefficient in this tile is exactly 0: its gradient is exactly 0.
         return
     coef = tl.where(live, g * inv_temp, 0.0)
-    lse2 = tl.load(lse_ptr + rows, mask=live, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + rows, mask=live, other=0.0) * LOG2E_C
 
     cols = v0 + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_ok = cols < v1

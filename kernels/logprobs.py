@@ -37,8 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc
+
+# Inside @triton.jit code a global must be a constexpr (a plain float global is a
+# compile error on the GPU that the CPU interpreter does not report).
+LN2_C = tl.constexpr(LN2)
+LOG2E_C = tl.constexpr(LOG2E)
+
 
 # Default launch configuration (all architectures until tuned on hardware): a
 # vocabulary block of up to 4096 elements (8 KiB of bf16 per load, enough bytes in
@@ -78,13 +83,6 @@ def launch_config(vocab: int, n_rows: int, device: torch.device,
     chunk = triton.cdiv(n_blocks, splits) * block
     return block, warps, chunk, triton.cdiv(vocab, chunk)
 
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Output buffer; NaN-poisoned when MINORSFT_DEBUG_POISON=1 (tests) so that an
-    element the kernel forgets to write shows up."""
-    if os.environ.get("MINORSFT_DEBUG_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -138,9 +136,9 @@ def _store_row(m, s, tgt, n, sp, S, y_ok, hit, out_ptr, lse_ptr, part_ptr, tgt_p
         tl.store(tgt_ptr + n, tgt, mask=hit | ((sp == 0) & ~y_ok))
     else:
         lse2 = m + tl.log2(s)
-        tl.store(out_ptr + n, (tgt - lse2) * LN2)
+        tl.store(out_ptr + n, (tgt - lse2) * LN2_C)
         if lse_ptr is not None:
-            tl.store(lse_ptr + n, lse2 * LN2)
+            tl.store(lse_ptr + n, lse2 * LN2_C)
 
 
 @triton.heuristics({
@@ -230,7 +228,7 @@ def _logprobs_bwd_kernel(
                      mask=cols < hi)
         return
     row_in = logits_ptr + b * stride_zb + t * stride_zt
-    lse2 = tl.load(lse_ptr + n) * LOG2E
+    lse2 = tl.load(lse_ptr + n) * LOG2E_C
     gs = g * inv_temp
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs

@@ -13,6 +13,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from minorsft.kernels.common import alloc_output as _alloc
+
 # fp32 temporaries alive per row in the backward: z, p and the gradient row.
 _TEMPS_PER_ROW = 3
 
@@ -25,12 +27,6 @@ def _chunks(B: int, T: int, V: int) -> Iterator[Tuple[int, int, int]]:
         for t0 in range(0, T, rows):
             yield b, t0, min(T, t0 + rows)
 
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Output buffer; NaN-poisoned when MINORSFT_DEBUG_POISON=1 (tests)."""
-    if os.environ.get("MINORSFT_DEBUG_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _row_logprobs(z: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, keep: torch.Tensor,
