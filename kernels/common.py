@@ -1,5 +1,6 @@
 """Launcher helpers shared by the kernel files (no Triton import: the PyTorch
 backends use them too)."""
+import contextlib
 import os
 
 import torch
@@ -17,3 +18,13 @@ def alloc_output(shape, dtype, device) -> torch.Tensor:
     if os.environ.get("MINORSFT_DEBUG_POISON") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context making ``tensor``'s GPU the current device for a launch.
+
+    Triton launches on the *current* CUDA device and stream, not the tensors' device;
+    with a model spread over GPUs (``device_map="auto"``) the lm_head's device is often
+    not the current one.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

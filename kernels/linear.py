@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc
+from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc, device_guard
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
 # compile error on the GPU that the CPU interpreter does not report).
@@ -198,7 +198,8 @@ def _linear_fwd_kernel(
         x = tl.where(col_ok[None, :], x, float("-inf"))
         tgt += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
         m_new = tl.maximum(m, tl.max(x, 1))
-        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), 1)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # an all -inf tile: no NaN
+        s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref[:, None]), 1)
         m = m_new
     lse2 = m + tl.log2(s)
     lp = tl.where(y_ok, (tgt - lse2) * LN2_C, float("nan"))
@@ -269,7 +270,7 @@ def _linear_bwd_kernel(
     G = tl.where(live[:, None] & col_ok[None, :], coef[:, None] * d, 0.0)
 
     if NEED_DC:
-        tl.atomic_add(dc_ptr + cols, tl.sum(G, 0), mask=col_ok)
+        tl.atomic_add(dc_ptr + cols, tl.sum(G, 0), mask=col_ok, sem="relaxed")
     Gq = _operand(G.to(h_ptr.dtype.element_ty), DOT_UPCAST)   # rounded like eager's grad
     ks = tl.arange(0, BLOCK_H).to(tl.int64)
     for h0 in range(0, H, BLOCK_H):
@@ -280,13 +281,13 @@ def _linear_bwd_kernel(
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             part = tl.dot(Gq, _operand(w, DOT_UPCAST), input_precision=DOT_PRECISION)             # [BLOCK_N, BLOCK_H]
             tl.atomic_add(dh_ptr + local[:, None] * H + k[None, :], part,
-                          mask=live[:, None] & k_ok[None, :])
+                          mask=live[:, None] & k_ok[None, :], sem="relaxed")
         if NEED_DW:
             a = tl.load(h_rows[:, None] + k[None, :] * stride_hh,
                         mask=live[:, None] & k_ok[None, :], other=0.0)
             part = tl.dot(tl.trans(Gq), _operand(a, DOT_UPCAST), input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_H]
             tl.atomic_add(dw_ptr + (cols - v0)[:, None] * H + k[None, :], part,
-                          mask=col_ok[:, None] & k_ok[None, :])
+                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 def linear_forward(
@@ -317,15 +318,16 @@ def linear_forward(
     if N == 0:
         return lp, lse
     bn, bv, bh, warps = launch_config(N, V, H)
-    _linear_fwd_kernel[(triton.cdiv(N, bn),)](
-        hidden, weight, bias, labels, lp, lse,
-        N, T, V, H,
-        *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-        *labels.stride(),
-        ignore_index, LOG2E / temperature,
-        DOT_PRECISION=dot_precision(hidden.dtype), DOT_UPCAST=dot_upcast(hidden.dtype),
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
-    )
+    with device_guard(hidden):
+        _linear_fwd_kernel[(triton.cdiv(N, bn),)](
+            hidden, weight, bias, labels, lp, lse,
+            N, T, V, H,
+            *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
+            *labels.stride(),
+            ignore_index, LOG2E / temperature,
+            DOT_PRECISION=dot_precision(hidden.dtype), DOT_UPCAST=dot_upcast(hidden.dtype),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
+        )
     return lp, lse
 
 
@@ -382,16 +384,17 @@ def linear_backward(
 
     def launch(n0, n1, v0, v1, dh_acc, dw_acc):
         grid = (triton.cdiv(n1 - n0, bn) * triton.cdiv(v1 - v0, bv),)
-        _linear_bwd_kernel[grid](
-            hidden, weight, bias, labels, lse, grad_lp,
-            dh_acc, dw_acc, dc,
-            n0, n1, v0, v1, T, V, H,
-            *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-            *labels.stride(), *grad_lp.stride(),
-            ignore_index, LOG2E / temperature, 1.0 / temperature,
-            DOT_PRECISION=dot_precision(hidden.dtype), DOT_UPCAST=dot_upcast(hidden.dtype),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP=GROUP_N, num_warps=warps,
-        )
+        with device_guard(hidden):
+            _linear_bwd_kernel[grid](
+                hidden, weight, bias, labels, lse, grad_lp,
+                dh_acc, dw_acc, dc,
+                n0, n1, v0, v1, T, V, H,
+                *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
+                *labels.stride(), *grad_lp.stride(),
+                ignore_index, LOG2E / temperature, 1.0 / temperature,
+                DOT_PRECISION=dot_precision(hidden.dtype), DOT_UPCAST=dot_upcast(hidden.dtype),
+                BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP=GROUP_N, num_warps=warps,
+            )
 
     if not lowp:
         # fp32 inputs: the outputs are the fp32 accumulators, one launch.

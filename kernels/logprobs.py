@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc
+from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc, device_guard
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
 # compile error on the GPU that the CPU interpreter does not report).
@@ -118,7 +118,8 @@ def _chunk_stats(row_ptr, stride_v, lo, hi, y, y_ok, scale2, BLOCK_V: tl.constex
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < hi,
                     other=float("-inf")).to(tl.float32) * scale2
         m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), 0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # an all -inf block: no NaN
+        s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref), 0)
         m = m_new
     hit = y_ok & (y >= lo) & (y < hi)
     tgt = tl.load(row_ptr + y * stride_v, mask=hit, other=float("nan")).to(tl.float32) * scale2
@@ -287,15 +288,16 @@ def logprobs_forward(
         tgt = _alloc((N,), torch.float32, dev)
         ref_part = _alloc((N, splits, 2), torch.float32, dev) if has_ref else None
         ref_tgt = _alloc((N,), torch.float32, dev) if has_ref else None
-    _logprobs_fwd_kernel[(N, splits)](
-        logits, ref_logits, labels,
-        lp, lse, ref_lp if has_ref and splits == 1 else None,
-        part, ref_part, tgt, ref_tgt,
-        T, V, chunk,
-        *logits.stride(), *rs, *labels.stride(),
-        ignore_index, LOG2E / temperature,
-        BLOCK_V=block, num_warps=warps,
-    )
+    with device_guard(logits):
+        _logprobs_fwd_kernel[(N, splits)](
+            logits, ref_logits, labels,
+            lp, lse, ref_lp if has_ref and splits == 1 else None,
+            part, ref_part, tgt, ref_tgt,
+            T, V, chunk,
+            *logits.stride(), *rs, *labels.stride(),
+            ignore_index, LOG2E / temperature,
+            BLOCK_V=block, num_warps=warps,
+        )
     if splits > 1:
         keep = (labels != ignore_index).reshape(N)
         lp, lse = (x.view(B, T) for x in _combine(part, tgt, keep))
@@ -334,11 +336,12 @@ def logprobs_backward(
     if B * T == 0:
         return out
     block, warps, chunk, splits = launch_config(V, B * T, logits.device, block_v)
-    _logprobs_bwd_kernel[(B * T, splits)](
-        logits, labels, lse, grad_lp, out,
-        T, V, chunk,
-        *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
-        ignore_index, LOG2E / temperature, 1.0 / temperature,
-        BLOCK_V=block, num_warps=warps,
-    )
+    with device_guard(logits):
+        _logprobs_bwd_kernel[(B * T, splits)](
+            logits, labels, lse, grad_lp, out,
+            T, V, chunk,
+            *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
+            ignore_index, LOG2E / temperature, 1.0 / temperature,
+            BLOCK_V=block, num_warps=warps,
+        )
     return out

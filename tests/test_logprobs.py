@@ -116,3 +116,23 @@ def test_split_vocabulary_grid(splits, device, monkeypatch):
     labels[0, 4] = 5000            # out of range, unchecked: NaN, not an out-of-bounds read
     lp = ms.token_logprobs(logits, labels, backend="triton", check_labels=False)
     assert torch.isnan(lp[0, 4]) and torch.isfinite(lp[1:]).all()
+
+
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_blocks_of_minus_inf(splits, backend, device, monkeypatch):
+    """Whole blocks / chunks of -inf logits (padded or banned vocabulary entries)."""
+    monkeypatch.setenv("MINORSFT_SPLIT_V", splits)
+    monkeypatch.setenv("MINORSFT_BLOCK_V", "64")
+    logits, labels = make_batch(2, 5, 1001, torch.float32, device)
+    logits = logits.detach().clone()
+    logits[..., :130] = float("-inf")     # the first blocks
+    logits[..., 600:] = float("-inf")     # the last chunk when split in three
+    labels = labels.clamp(max=599).where(labels == -100, labels.clamp(130, 599))
+    logits.requires_grad_(True)
+    lp = ms.token_logprobs(logits, labels, backend=backend)
+    ref = eager.token_logprobs(logits, labels)
+    assert_error_bar(lp, ref, ref, atol=2e-5, name="logprob")
+    g = torch.randn_like(lp)
+    (grad,) = torch.autograd.grad(lp, logits, g)
+    ref_grad = grad_of(lambda x: eager.token_logprobs(x, labels), logits, g, torch.float64)
+    assert_error_bar(grad, ref_grad, ref_grad, atol=2e-6, name="grad")
