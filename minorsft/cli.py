@@ -114,7 +114,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"minorsft train: error: {e}", file=sys.stderr)
         return 2
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ValueError as e:   # bad rows (data.DataError), tokenizer/model mismatch, ...
+        print(f"minorsft train: error: {e}", file=sys.stderr)
+        return 2
     if result.get("final_eval"):
         print(json.dumps({"step": result["step"], "eval": result["final_eval"]}))
     return 0

@@ -30,16 +30,25 @@ def frozen_copy(model: torch.nn.Module, *, dtype: torch.dtype | None = None,
         ref = ref.to(device=device, dtype=dtype)
     ref.eval()
     ref.requires_grad_(False)
+    if getattr(ref, "config", None) is not None:
+        ref.config.use_cache = False   # a KV cache is never reused here: don't build one
     return ref
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over parameter/buffer names, shapes, dtypes and bytes (one read of the weights)."""
+    """sha256 over the model config (what changes the numbers: eps, rope, softcapping, ...)
+    and parameter/buffer names, shapes, dtypes and bytes (one read of the weights)."""
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_diff_dict"):
+        diff = {k: v for k, v in config.to_diff_dict().items()
+                if k not in ("use_cache", "_name_or_path", "transformers_version")}
+        diff["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+        h.update(json.dumps(diff, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -67,7 +76,8 @@ def sequence_logprobs(model, batch: dict, *, temperature: float = 1.0, backend=N
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))
     with ctx:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits
     lp = ms.token_logprobs(logits[:, :-1], batch["labels"][:, 1:], temperature=temperature, backend=backend,
                            check_labels=False)
     return lp.float().sum(-1)
@@ -75,7 +85,8 @@ def sequence_logprobs(model, batch: dict, *, temperature: float = 1.0, backend=N
 
 def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int, max_length: int,
                                   cache_dir: str | None, device=None, temperature: float = 1.0,
-                                  backend=None, autocast_dtype=None, log=print):
+                                  backend=None, autocast_dtype=None, log=print,
+                                  model_hash: str | None = None):
     """Per-sequence reference log-prob sums for every example of ``dataset``.
 
     Returns ``(table, hit)``: ``table`` is ``[N]`` (SFT) or ``[N, 2]`` (pairs: chosen,
@@ -85,8 +96,8 @@ def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int
     """
     from safetensors.torch import load_file, save_file
 
-    key = cache_key(model_fingerprint(model), dataset.fingerprint, max_length, temperature,
-                    str(autocast_dtype))
+    key = cache_key(model_hash or model_fingerprint(model), dataset.fingerprint, max_length,
+                    temperature, str(autocast_dtype))
     path = os.path.join(cache_dir, f"ref-{key}.safetensors") if cache_dir else None
     n = len(dataset)
     if path and os.path.exists(path):

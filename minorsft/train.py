@@ -44,7 +44,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 RESUME_FIELDS = ("loss", "loss_type", "beta", "length_norm", "label_smoothing", "model", "data",
                  "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
                  "schedule", "max_steps", "epochs", "clip_grad", "seed", "precompute_ref",
-                 "track_deviation", "skip_bad_rows", "tiny_seed", "temperature")
+                 "track_deviation", "skip_bad_rows", "tiny_seed", "temperature", "ref_dtype",
+                 "bf16", "fused_linear", "backend")
 
 
 @dataclass
@@ -162,6 +163,15 @@ def validate_config(cfg: TrainConfig) -> None:
         path = getattr(cfg, name)
         if path is not None and not (name == "model" and path == "tiny") and not os.path.exists(path):
             raise ValueError(f"--{name.replace('_', '-')}: no such file or directory: {path}")
+    for name in ("device", "ref_device"):
+        value = getattr(cfg, name)
+        if value is not None:
+            try:
+                dev = torch.device(value)
+            except RuntimeError:
+                raise ValueError(f"--{name.replace('_', '-')}: not a device: {value!r}") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--{name.replace('_', '-')} {value}: CUDA is not available")
     if cfg.fused_linear and cfg.fsdp:
         raise ValueError("--fused-linear: not supported with --fsdp (the lm_head weight is sharded); use DDP")
     if cfg.fused_linear:
@@ -197,10 +207,28 @@ def _init_distributed(cfg) -> Dist:
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device in (None, "cuda") else "gloo"
+        if backend == "nccl":
+            # One GPU per rank: make it current before any CUDA work (else every rank
+            # creates a context and allocates on cuda:0).
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
         owns = True
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+
+
+# Config attributes of models whose logits are not plain `hidden @ W^T (+ b)`.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _check_plain_lm_head(model) -> None:
+    """--fused-linear computes ``hidden @ W^T``: refuse models that transform their logits."""
+    cfg = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"--fused-linear: the model's config sets {name}={value!r}; the fused "
+                             "linear loss computes plain hidden @ lm_head.weight^T logits")
 
 
 def _device(cfg, dist: Dist) -> torch.device:
@@ -459,6 +487,25 @@ def _save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, schedule
     return final
 
 
+def repair_checkpoint_debris(out_dir: str) -> None:
+    """Clean up after an interrupted save (its debris is never named by ``latest``).
+
+    ``.tmp-checkpoint-*`` is a save that never completed: removed. ``.old-checkpoint-N-*``
+    is an older same-step checkpoint moved aside for the new one; if the crash came
+    before the new one moved in, ``checkpoint-N`` is missing (and ``latest`` may name
+    it), so the old one is put back; otherwise it is removed.
+    """
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if name.startswith(".old-checkpoint-"):
+            live = os.path.join(out_dir, name[len(".old-"):].rsplit("-", 1)[0])
+            if not os.path.exists(live):
+                os.replace(path, live)
+                continue
+        if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _py_rng_to_list(state):
     return [state[0], list(state[1]), state[2]]
 
@@ -611,10 +658,8 @@ def _train(cfg, dist, resume_path, resume_state):
 
     device = _device(cfg, dist)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if dist.main:  # debris of an interrupted save (never pointed to by `latest`)
-        for name in os.listdir(cfg.out_dir):
-            if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-                shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
+    if dist.main:
+        repair_checkpoint_debris(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     kind = "pairs" if cfg.loss in ("dpo", "minor_dpo") else "sft"
@@ -634,9 +679,15 @@ def _train(cfg, dist, resume_path, resume_state):
     model, _ = load_model_and_tokenizer(cfg.model, tiny_seed=cfg.tiny_seed)
     model.to(device)
     vocab = model.get_output_embeddings().weight.shape[0]
-    top = max(max(e.input_ids + (e.rejected_input_ids or [])) for e in train_ds.examples)
-    if top >= vocab:
-        raise ValueError(f"--data: token id {top} >= the model's vocabulary {vocab} (tokenizer/model mismatch)")
+    for flag, ds in (("--data", train_ds), ("--eval-data", eval_ds)):
+        if ds is None or not ds.examples:
+            continue
+        top = max(max(e.input_ids + (e.rejected_input_ids or [])) for e in ds.examples)
+        if top >= vocab:
+            raise ValueError(f"{flag}: token id {top} >= the model's vocabulary {vocab} "
+                             "(tokenizer/model mismatch)")
+    if cfg.fused_linear:
+        _check_plain_lm_head(model)
     ref_dtype = _DTYPES[cfg.ref_dtype] if cfg.ref_dtype else None
     ref_device = torch.device(cfg.ref_device) if cfg.ref_device else device
     autocast_dtype = torch.bfloat16 if (cfg.bf16 and device.type == "cuda") else None
@@ -654,6 +705,7 @@ def _train(cfg, dist, resume_path, resume_state):
             ref = (R.frozen_copy(model, dtype=ref_dtype, device=ref_device)
                    if ref_dtype is not None or ref_device != device else model)
             tables = []
+            model_hash = R.model_fingerprint(ref)   # one read of the weights, not one per dataset
             for ds in (train_ds, eval_ds):
                 if ds is None:
                     tables.append(None)
@@ -663,14 +715,16 @@ def _train(cfg, dist, resume_path, resume_state):
                     R.precompute_reference_logprobs(
                         ref, ds, collate_fn=collate, batch_size=cfg.eval_batch_size or cfg.batch_size,
                         max_length=cfg.max_length, cache_dir=cache_dir, temperature=cfg.temperature,
-                        backend=cfg.backend, autocast_dtype=autocast_dtype, log=lambda m: _log(dist, m))
+                        backend=cfg.backend, autocast_dtype=autocast_dtype, log=lambda m: _log(dist, m),
+                        model_hash=model_hash)
                 dist.barrier()
                 table, _ = R.precompute_reference_logprobs(
                     ref, ds, collate_fn=collate, batch_size=cfg.batch_size, max_length=cfg.max_length,
                     cache_dir=cache_dir, temperature=cfg.temperature, backend=cfg.backend,
-                    autocast_dtype=autocast_dtype, log=lambda m: None)
+                    autocast_dtype=autocast_dtype, log=lambda m: None, model_hash=model_hash)
                 tables.append(table)
-            ref_table, eval_ref_table = tables
+            # On the device once: a per-step host-to-device copy would sync every micro-step.
+            ref_table, eval_ref_table = (t.to(device) if t is not None else None for t in tables)
             del ref  # training runs without the reference model in memory
         else:
             ref_model = R.frozen_copy(model, dtype=ref_dtype, device=ref_device)
@@ -808,7 +862,8 @@ def _train(cfg, dist, resume_path, resume_state):
             idx = b.pop("index")
             tokens_since += int(b["attention_mask"].sum())
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            ref = R.lookup(ref_table, idx, kind).to(device) if ref_table is not None else None
+            ref = (R.lookup(ref_table, idx.to(device, non_blocking=True), kind)
+                   if ref_table is not None else None)
             sync = a == A - 1
             if dist.world > 1 and cfg.fsdp:
                 model.set_requires_gradient_sync(sync)

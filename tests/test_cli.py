@@ -86,3 +86,18 @@ def test_demo_writes_metrics_plot_and_table(tmp_path):
         assert all("deviation" in r for r in recs if r["run"] == run)
     text = "\n".join(lines)
     assert "held-out results" in text and "minor_sft" in text
+
+
+def test_bad_row_is_a_clean_error_with_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2="}\n')
+    rc = cli.main(["train", "--data", str(bad), "--out-dir", str(tmp_path / "o"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2" in err and "response" in err
+
+
+@pytest.mark.parametrize("flag", ["--device", "--ref-device"])
+def test_bad_device_refused_before_work(tmp_path, capsys, flag):
+    rc = cli.main(["train", flag, "gpu0", "--out-dir", str(tmp_path / "o")])
+    assert rc == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

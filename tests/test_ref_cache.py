@@ -113,3 +113,15 @@ def test_training_with_cache_equals_frozen_reference(tmp_path, setup):
     again = train(dataclasses.replace(cached_cfg, out_dir=str(tmp_path / "again")))  # cache hit
     assert len(os.listdir(tmp_path / "cache")) == n_files
     assert [h["loss"] for h in again["history"]] == [h["loss"] for h in cached["history"]]
+
+
+def test_fingerprint_covers_the_config(setup):
+    """Same weights, a config change that moves the logits (eps): a different cache key."""
+    import copy
+    _, model, _ = setup
+    other = copy.deepcopy(model)
+    other.config.rms_norm_eps = 0.5
+    assert R.model_fingerprint(other) != R.model_fingerprint(model)
+    other.config.use_cache = not model.config.use_cache   # does not change the numbers
+    other.config.rms_norm_eps = model.config.rms_norm_eps
+    assert R.model_fingerprint(other) == R.model_fingerprint(model)

@@ -121,3 +121,17 @@ def test_loading_a_checkpoint_never_unpickles_code(tmp_path, full_run, monkeypat
     with pytest.raises(pickle.UnpicklingError):
         train(dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), resume=str(ckpt)))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_interrupted_same_step_swap_is_repaired(tmp_path):
+    """Crash after the old same-step checkpoint was moved aside, before the new one moved
+    in: the next start puts the old one back, so `latest` names a real directory."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".old-checkpoint-3-999").mkdir()
+    (out / ".old-checkpoint-3-999" / "marker").write_text("x")
+    (out / ".tmp-checkpoint-3-999").mkdir()
+    (out / "latest").write_text("checkpoint-3")
+    T.repair_checkpoint_debris(str(out))   # what train() runs first on rank 0
+    assert (out / "checkpoint-3" / "marker").exists()
+    assert not (out / ".tmp-checkpoint-3-999").exists()

@@ -125,7 +125,10 @@ class FusedLossTrainer(transformers.Trainer):
         # Refuse bad options before the Trainer is built, not at the first step.
         check_choice("loss", loss, LOSSES)
         temperature = check_positive("temperature", temperature)
-        options: Dict[str, Any] = {"temperature": temperature, "backend": backend}
+        # check_labels=False: the label-range check is a host sync per step; an
+        # out-of-range label still shows as a NaN loss (the kernels never read out of bounds).
+        options: Dict[str, Any] = {"temperature": temperature, "backend": backend,
+                                   "check_labels": False}
         if loss != "sft":
             options["beta"] = check_beta(beta)
         if loss == "minor_sft":
@@ -144,10 +147,11 @@ class FusedLossTrainer(transformers.Trainer):
         if ref_model is not None and loss != "sft":
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        if loss != "sft":
-            # Only sft divides by a token count; the others must not get one, and the
-            # Trainer then divides their per-micro-batch mean by the accumulation steps.
-            self.model_accepts_loss_kwargs = False
+        # Only sft divides by a token count (the Trainer passes num_items_in_batch to
+        # compute_loss only when this is True, whatever the model accepts: the loss is
+        # ours); the others must not get one, and the Trainer then divides their
+        # per-micro-batch mean by the accumulation steps.
+        self.model_accepts_loss_kwargs = loss == "sft"
         self._fused_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _set_signature_columns_if_needed(self):
@@ -173,7 +177,7 @@ class FusedLossTrainer(transformers.Trainer):
                     f"ref_model: loss={self.fused_loss!r} needs a reference; pass ref_model= to "
                     f"{type(self).__name__} or put per-sequence sums in the batch under {REF_LOGPS_KEY!r}")
             with torch.no_grad():
-                ref_logits = self.ref_model(**inputs).logits
+                ref_logits = self.ref_model(**inputs, use_cache=False).logits
         count = num_items_in_batch if self.fused_loss == "sft" else None
         loss, metrics = causal_lm_loss(self.fused_loss, outputs.logits, labels, ref_logits=ref_logits,
                                        ref_logprobs=ref_logprobs, num_items_in_batch=count,
@@ -285,7 +289,7 @@ def _build_fused_dpo_trainer():
                                          ("use_weighting", self.use_weighting, False)):
                 if value != default:
                     raise ValueError(f"{name}: FusedDPOTrainer supports only {default!r}, got {value!r}")
-            options: Dict[str, Any] = {"beta": self.beta, "backend": backend}
+            options: Dict[str, Any] = {"beta": self.beta, "backend": backend, "check_labels": False}
             if loss == "minor_dpo":
                 if loss_types != ["sigmoid"]:
                     raise ValueError(f"loss_type: loss='minor_dpo' replaces TRL's loss; leave "
