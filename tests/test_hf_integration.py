@@ -327,3 +327,23 @@ def test_trainer_requires_a_reference(tmp_path, tokenizer):
         hf.FusedLossTrainer(model=policy, loss="minor_sft", beta=0.0, args=training_args(tmp_path))
     with pytest.raises(ValueError, match="length_norm"):
         hf.FusedLossTrainer(model=policy, loss="minor_sft", length_norm="both", args=training_args(tmp_path))
+
+
+@pytest.mark.parametrize("split,dispatch,iterable,refused", [
+    (True, None, False, True), (False, True, False, True), (False, None, True, True),
+    (False, None, False, False), (False, False, True, False)])
+def test_dpo_batches_are_never_split_by_rows_across_processes(split, dispatch, iterable, refused):
+    """[chosen; rejected] must reach each process whole (accelerate split/dispatch)."""
+    from types import SimpleNamespace
+    ds = torch.utils.data.IterableDataset() if iterable else [0]
+    fake = SimpleNamespace(
+        accelerator=SimpleNamespace(num_processes=2, dataloader_config=SimpleNamespace(
+            split_batches=split, dispatch_batches=dispatch)),
+        train_dataset=ds)
+    if refused:
+        with pytest.raises(ValueError, match="chosen; rejected"):
+            hf.FusedLossTrainer._refuse_row_splitting(fake)
+    else:
+        hf.FusedLossTrainer._refuse_row_splitting(fake)
+    fake.accelerator.num_processes = 1
+    hf.FusedLossTrainer._refuse_row_splitting(fake)   # one process: nothing to split

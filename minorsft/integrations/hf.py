@@ -141,6 +141,8 @@ class FusedLossTrainer(transformers.Trainer):
         if ref_model is not None and not isinstance(ref_model, torch.nn.Module):
             raise TypeError(f"ref_model: expected a torch.nn.Module, got {type(ref_model).__name__}")
         super().__init__(*args, **kwargs)
+        if loss in ("dpo", "minor_dpo"):
+            self._refuse_row_splitting()
         self.fused_loss = loss
         self.fused_options = options
         self.ref_model = None
@@ -153,6 +155,24 @@ class FusedLossTrainer(transformers.Trainer):
         # per-micro-batch mean by the accumulation steps.
         self.model_accepts_loss_kwargs = loss == "sft"
         self._fused_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _refuse_row_splitting(self) -> None:
+        """A DPO batch is ``[chosen...; rejected...]``: accelerate must not slice one
+        collated batch by rows across processes (``split_batches``, or
+        ``dispatch_batches``, the default for iterable datasets), or chosen rows would be
+        paired with other pairs' rows."""
+        if self.accelerator.num_processes <= 1:
+            return
+        dl = getattr(self.accelerator, "dataloader_config", None)
+        split = bool(getattr(dl, "split_batches", False))
+        dispatch = getattr(dl, "dispatch_batches", None)
+        iterable = isinstance(self.train_dataset, torch.utils.data.IterableDataset)
+        if split or dispatch or (dispatch is None and iterable):
+            raise ValueError(
+                "DPO-family loss: accelerate would "
+                "split each collated [chosen; rejected] batch by rows across processes "
+                f"(split_batches={split}, dispatch_batches={dispatch}, iterable dataset={iterable}); "
+                "use a map-style dataset with split_batches=False and dispatch_batches=False")
 
     def _set_signature_columns_if_needed(self):
         # Keep the optional precomputed-reference column when unused columns are removed.
