@@ -335,7 +335,11 @@ def test_trainer_requires_a_reference(tmp_path, tokenizer):
 def test_dpo_batches_are_never_split_by_rows_across_processes(split, dispatch, iterable, refused):
     """[chosen; rejected] must reach each process whole (accelerate split/dispatch)."""
     from types import SimpleNamespace
-    ds = torch.utils.data.IterableDataset() if iterable else [0]
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([0])
+
+    ds = Stream() if iterable else [0]
     fake = SimpleNamespace(
         accelerator=SimpleNamespace(num_processes=2, dataloader_config=SimpleNamespace(
             split_batches=split, dispatch_batches=dispatch)),
