@@ -3,18 +3,26 @@
 Row formats (one JSON object per line, or a ``datasets`` dataset saved with
 ``save_to_disk``):
 
-- ``{"prompt": str, "response": str}``: SFT. Tokens are ``tok(prompt)`` (with the
-  tokenizer's special tokens, e.g. BOS) + ``tok(response)`` + EOS; labels only on the
-  response and EOS.
+- ``{"prompt": str, "response": str}``: SFT. Tokens are ``tok(prompt + response)``
+  (the joined string, tokenised once, with the tokenizer's leading special tokens, e.g.
+  BOS) + EOS; labels only on the response and EOS. Tokenising the joined string is what
+  the model sees at inference: tokenising prompt and response separately would give
+  SentencePiece/Metaspace tokenizers (Llama-2, Mistral, Gemma) a spurious leading ``▁``
+  on the response and lose BPE merges across the boundary. The boundary comes from the
+  tokens' character offsets (fast tokenizers): a token is a response token when its span
+  starts at or after ``len(prompt)`` or straddles it; without offsets the prompt's own
+  tokens must be a prefix of the joined tokens.
 - ``{"messages": [{"role", "content"}, ...]}``: chat, rendered with the tokenizer's chat
-  template; labels on every assistant turn (found by rendering the conversation
-  prefix by prefix).
-- ``{"prompt": str, "chosen": str, "rejected": str}``: preference pairs (DPO family).
+  template and tokenised once; labels on every assistant turn (its character span is
+  found by rendering the conversation prefix by prefix, then mapped to tokens by offsets).
+- ``{"prompt": str, "chosen": str, "rejected": str}``: preference pairs (DPO family),
+  each of ``prompt + chosen`` and ``prompt + rejected`` tokenised as above.
 
 Labels use Hugging Face's convention: ``labels[t] = input_ids[t]`` on trained tokens,
 ``-100`` elsewhere; the trainer shifts them (``logits[:, :-1]`` against ``labels[:, 1:]``).
 Responses longer than ``max_length`` are truncated from the right; a prompt that leaves
-no room for a response token is a bad row. A bad row raises :class:`DataError` naming
+no room for a response token is a bad row, and so is a row whose first response token
+would sit at position 0 (empty prompt, no BOS: no logit predicts it). A bad row raises :class:`DataError` naming
 file, line and field, or is skipped and counted with ``skip_bad_rows=True``.
 """
 from __future__ import annotations
@@ -154,26 +162,107 @@ def _eos(tokenizer):
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _prompt_response(tokenizer, prompt_ids, response_ids, max_length, where, field_name):
-    if not response_ids:
+def _encode_plain(tokenizer, text):
+    """``(ids, offsets)`` of ``text`` without special tokens; ``offsets`` (one
+    ``(start, end)`` character span per token) is ``None`` when the tokenizer cannot give
+    them (slow tokenizers)."""
+    if getattr(tokenizer, "is_fast", False):
+        try:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            pass
+        else:
+            offsets = enc.get("offset_mapping")
+            ids = list(enc["input_ids"])
+            if offsets is not None and len(offsets) == len(ids):
+                return ids, [(int(s), int(e)) for s, e in offsets]
+    return _ids(tokenizer, text, special=False), None
+
+
+def _leading_specials(tokenizer, text, plain, where, field_name):
+    """The special tokens the tokenizer puts before ``text`` (e.g. BOS): ``tok(text)`` is
+    ``lead + plain + trail``. ``trail`` (an EOS some tokenizers append) is dropped: the
+    loader appends EOS itself after the response."""
+    full = _ids(tokenizer, text, special=True)
+    n = len(plain)
+    for k in range(len(full) - n + 1):
+        if full[k: k + n] == plain:
+            return full[:k]
+    raise DataError(f"{where}: field '{field_name}': the tokenizer's special tokens change the tokens "
+                    f"of the text (cannot find tok(text, add_special_tokens=False) inside tok(text))")
+
+
+def _response_start(tokenizer, prompt, plain, offsets):
+    """Index of the first response token in ``plain`` (the tokens of ``prompt + response``),
+    or ``None`` when it cannot be found. With offsets: the first token whose span starts at
+    or after ``len(prompt)`` or straddles it, all later tokens being response tokens too.
+    Without: ``len(tok(prompt))`` when the prompt's tokens are a prefix of ``plain``."""
+    n = len(prompt)
+    if offsets is not None:
+        is_resp = [s >= n or e > n for s, e in offsets]
+        b = is_resp.index(True) if True in is_resp else len(plain)
+        if all(is_resp[b:]):
+            return b
+    p = _ids(tokenizer, prompt, special=False)
+    if plain[: len(p)] == p:
+        return len(p)
+    return None
+
+
+def _check_first_label(first, total, max_length, where, field_name, *, prompt_field="prompt"):
+    """``first``: position of the first trained token in the untruncated sequence of
+    length ``total``. Bad rows: nothing to train, the first trained token at position 0
+    (no logit predicts it: empty prompt and no BOS), or a prompt filling ``max_length``."""
+    if first >= total:
         raise DataError(f"{where}: field '{field_name}' tokenises to nothing")
-    if len(prompt_ids) >= max_length:
+    if first == 0:
+        raise DataError(f"{where}: field '{field_name}': its first token would be at position 0 (empty "
+                        f"prompt and the tokenizer adds no BOS), so no logit predicts it")
+    if first >= max_length:
         raise DataError(
-            f"{where}: field 'prompt' is {len(prompt_ids)} tokens, no room for the response "
+            f"{where}: field '{prompt_field}' is {first} tokens, no room for the {field_name} "
             f"within --max-length {max_length}")
-    ids = (prompt_ids + response_ids)[:max_length]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+
+
+def _prompt_response(tokenizer, prompt, response, max_length, where, field_name):
+    """Tokenise ``prompt + response`` once -> ``(input_ids, labels)``, labels on the response
+    tokens and EOS, truncated to ``max_length`` from the right."""
+    text = prompt + response
+    plain, offsets = _encode_plain(tokenizer, text)
+    b = _response_start(tokenizer, prompt, plain, offsets)
+    if b is None:
+        raise DataError(
+            f"{where}: field '{field_name}': cannot find where the prompt ends in the tokens of "
+            f"prompt + {field_name} (the tokenizer gives no character offsets and the prompt's "
+            f"tokens are not a prefix of the joined tokens)")
+    lead = _leading_specials(tokenizer, text, plain, where, field_name)
+    ids = lead + plain + _eos(tokenizer)
+    b += len(lead)
+    _check_first_label(b, len(ids), max_length, where, field_name)
+    ids = ids[:max_length]
+    labels = [IGNORE_INDEX] * b + ids[b:]
     return ids, labels
 
 
 def encode_sft_row(row, tokenizer, max_length, where):
-    """Tokenise a prompt/response row -> ``(input_ids, labels, prompt_ids)``."""
+    """Tokenise a prompt/response row -> ``(input_ids, labels, prompt_ids)``.
+    ``prompt_ids`` is ``tok(prompt)`` on its own (with special tokens), the input for
+    generation at evaluation."""
     prompt = _text_field(row, "prompt", where, allow_empty=True)
     response = _text_field(row, "response", where)
-    p = _ids(tokenizer, prompt, special=True)
-    r = _ids(tokenizer, response, special=False) + _eos(tokenizer)
-    ids, labels = _prompt_response(tokenizer, p, r, max_length, where, "response")
-    return ids, labels, p
+    ids, labels = _prompt_response(tokenizer, prompt, response, max_length, where, "response")
+    return ids, labels, _ids(tokenizer, prompt, special=True)
+
+
+def _span_tokens(offsets, lo, hi):
+    """Token indices ``[i, j)`` covering the characters ``[lo, hi)``: tokens whose span starts
+    at or after ``lo`` or straddles it, and starts before ``hi``; ``None`` if not contiguous."""
+    hit = [(s >= lo or e > lo) and s < hi for s, e in offsets]
+    idx = [i for i, h in enumerate(hit) if h]
+    if not idx:
+        return None
+    i, j = idx[0], idx[-1] + 1
+    return (i, j) if j - i == len(idx) else None
 
 
 def encode_messages_row(row, tokenizer, max_length, where):
@@ -181,9 +270,12 @@ def encode_messages_row(row, tokenizer, max_length, where):
     Returns ``(input_ids, labels, prompt_ids, answer)`` (the last assistant turn and the
     tokens before it, with the generation prompt).
 
-    Each assistant turn's tokens are those between the rendering of the conversation
-    before it (with the generation prompt) and the rendering that includes it; the
-    template must render prefixes as prefixes (all common templates do).
+    The whole conversation is rendered and tokenised once. Each assistant turn's text is
+    the characters between the rendering of the conversation before it (with the
+    generation prompt) and the rendering that includes it (the template must render
+    prefixes as string prefixes; all common templates do); its tokens are those whose
+    character span meets that text (by offsets). Without offsets the renderings'
+    tokens must be prefixes of the whole conversation's tokens.
     """
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -197,23 +289,35 @@ def encode_messages_row(row, tokenizer, max_length, where):
         raise DataError(f"{where}: field 'messages' has no non-empty assistant turn")
 
     def render(conv, gen):
-        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-        return _ids(tokenizer, text, special=False)
+        return tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
 
-    ids = render(msgs, False)
+    text = render(msgs, False)
+    ids, offsets = _encode_plain(tokenizer, text)
     labels = [IGNORE_INDEX] * len(ids)
     prompt_ids = answer = None
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = render(msgs[:k], True)
-        upto = render(msgs[: k + 1], False)
-        if ids[: len(upto)] != upto or upto[: len(before)] != before:
-            raise DataError(f"{where}: field 'messages': the chat template does not render prefixes as prefixes")
-        prompt_ids, answer = before, m["content"]  # the last assistant turn, for exact match
-        labels[len(before): len(upto)] = upto[len(before):]
-    first = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX) if any(
-        l != IGNORE_INDEX for l in labels) else len(labels)
+        before, upto = render(msgs[:k], True), render(msgs[: k + 1], False)
+        span = None
+        if offsets is not None and text.startswith(upto) and upto.startswith(before):
+            span = _span_tokens(offsets, len(before), len(upto))
+        if span is None:  # no offsets, or not string prefixes: token prefixes
+            b_ids = _ids(tokenizer, before, special=False)
+            u_ids = _ids(tokenizer, upto, special=False)
+            if ids[: len(u_ids)] != u_ids or u_ids[: len(b_ids)] != b_ids:
+                raise DataError(f"{where}: field 'messages': the chat template does not render "
+                                f"prefixes as prefixes")
+            span = (len(b_ids), len(u_ids))
+        prompt_ids, answer = _ids(tokenizer, before, special=False), m["content"]  # last turn, for exact match
+        labels[span[0]: span[1]] = ids[span[0]: span[1]]
+    trained = [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
+    first = trained[0] if trained else len(labels)
+    if first >= len(labels):
+        raise DataError(f"{where}: field 'messages': the assistant turns tokenise to nothing")
+    if first == 0:
+        raise DataError(f"{where}: field 'messages': the first assistant token would be at position 0, "
+                        f"so no logit predicts it (the template renders nothing before it)")
     if first >= max_length:
         raise DataError(f"{where}: field 'messages': the first assistant turn starts at token {first}, "
                         f"beyond --max-length {max_length}")
@@ -222,16 +326,14 @@ def encode_messages_row(row, tokenizer, max_length, where):
 
 def encode_pair_row(row, tokenizer, max_length, where):
     """Tokenise a prompt/chosen/rejected row ->
-    ``(chosen_ids, chosen_labels, rejected_ids, rejected_labels, prompt_ids)``."""
+    ``(chosen_ids, chosen_labels, rejected_ids, rejected_labels, prompt_ids)``; each of
+    ``prompt + chosen`` and ``prompt + rejected`` is tokenised once, as for SFT rows."""
     prompt = _text_field(row, "prompt", where, allow_empty=True)
     chosen = _text_field(row, "chosen", where)
     rejected = _text_field(row, "rejected", where)
-    p = _ids(tokenizer, prompt, special=True)
-    c = _ids(tokenizer, chosen, special=False) + _eos(tokenizer)
-    r = _ids(tokenizer, rejected, special=False) + _eos(tokenizer)
-    ci, cl = _prompt_response(tokenizer, p, c, max_length, where, "chosen")
-    ri, rl = _prompt_response(tokenizer, p, r, max_length, where, "rejected")
-    return ci, cl, ri, rl, p
+    ci, cl = _prompt_response(tokenizer, prompt, chosen, max_length, where, "chosen")
+    ri, rl = _prompt_response(tokenizer, prompt, rejected, max_length, where, "rejected")
+    return ci, cl, ri, rl, _ids(tokenizer, prompt, special=True)
 
 
 def load_dataset(path: str, tokenizer, *, max_length: int, kind: str | None = None,
