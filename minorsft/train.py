@@ -14,7 +14,9 @@ data parallelism give the same gradient as one big batch and nothing syncs.
 Checkpoints (``out_dir/checkpoint-{step}``): the model in Hugging Face format
 (safetensors) + tokenizer, ``optimizer.pt`` / ``scheduler.pt`` / ``rng.pt`` (loaded
 with ``torch.load(weights_only=True)``) and ``trainer_state.json``, written into a
-temporary directory and renamed; ``out_dir/latest`` names the newest complete one.
+temporary directory, fsynced and renamed; ``out_dir/latest`` names the newest complete
+one (:mod:`minorsft.checkpoint`). The process group, device and DDP / FSDP2 wrapping
+live in :mod:`minorsft.distributed`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,19 +35,16 @@ import torch
 
 from minorsft import data as D
 from minorsft import reference_model as R
+from minorsft.checkpoint import RESUME_FIELDS  # noqa: F401  (re-exported)
+from minorsft.checkpoint import (atomic_write, check_resume_config, load_training_state,
+                                 read_trainer_state, repair_checkpoint_debris, resolve_resume,
+                                 save_checkpoint)
+from minorsft.distributed import Dist, init_distributed, select_device, wrap_model
 
 LOSSES = ("sft", "minor_sft", "dpo", "minor_dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 LENGTH_NORMS = ("outside", "inside", "none")
 SCHEDULES = ("cosine", "linear", "constant")
-
-# Fields that must match when resuming (they change the trajectory).
-RESUME_FIELDS = ("loss", "loss_type", "beta", "length_norm", "label_smoothing", "model", "data",
-                 "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
-                 "schedule", "max_steps", "epochs", "clip_grad", "seed", "precompute_ref",
-                 "track_deviation", "skip_bad_rows", "tiny_seed", "temperature", "ref_dtype",
-                 "bf16", "fused_linear", "backend")
-
 
 @dataclass
 class TrainConfig:
@@ -181,42 +179,6 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--fused-linear: minorsft.linear is not available ({e})") from e
 
 
-# ---------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _init_distributed(cfg) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-    owns = False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in (None, "cuda") else "gloo"
-        if backend == "nccl":
-            # One GPU per rank: make it current before any CUDA work (else every rank
-            # creates a context and allocates on cuda:0).
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-        owns = True
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
-
-
 # Config attributes of models whose logits are not plain `hidden @ W^T (+ b)`.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -229,17 +191,6 @@ def _check_plain_lm_head(model) -> None:
         if value not in (None, 1, 1.0):
             raise ValueError(f"--fused-linear: the model's config sets {name}={value!r}; the fused "
                              "linear loss computes plain hidden @ lm_head.weight^T logits")
-
-
-def _device(cfg, dist: Dist) -> torch.device:
-    if cfg.device is not None:
-        d = torch.device(cfg.device)
-        if d.type == "cuda" and d.index is None:
-            d = torch.device("cuda", dist.local_rank)
-        return d
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- model / data
@@ -416,113 +367,6 @@ def compute_loss(cfg, model, batch, *, ref_model=None, ref_logps=None, denom=Non
     return loss, metrics
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def _resolve_resume(cfg) -> Optional[str]:
-    if cfg.resume is None:
-        return None
-    path = cfg.resume
-    if path == "latest":
-        pointer = os.path.join(cfg.out_dir, "latest")
-        if not os.path.exists(pointer):
-            raise ValueError(f"--resume latest: no {pointer} (no complete checkpoint in --out-dir)")
-        with open(pointer, encoding="utf-8") as f:
-            path = os.path.join(cfg.out_dir, f.read().strip())
-    if not os.path.exists(os.path.join(path, "trainer_state.json")):
-        raise ValueError(f"--resume: {path} is not a complete checkpoint (no trainer_state.json)")
-    return path
-
-
-def _check_resume_config(cfg, state, world):
-    saved = state["config"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {getattr(cfg, k)!r}"
-             for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
-    if state.get("world_size", 1) != world:
-        diffs.append(f"world_size: checkpoint {state.get('world_size')} != now {world}")
-    if diffs:
-        raise ValueError("--resume: incompatible configuration: " + "; ".join(diffs))
-
-
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler, step, position):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(unwrapped, options=opts)
-    osd = get_optimizer_state_dict(unwrapped, optimizer, options=opts)
-    name = f"checkpoint-{step}"
-    final = os.path.join(cfg.out_dir, name)
-    if dist.main:
-        tmp = os.path.join(cfg.out_dir, f".tmp-{name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        unwrapped.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        rng = {"torch": torch.get_rng_state(), "python": _py_rng_to_list(random.getstate())}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, os.path.join(tmp, "rng.pt"))
-        _atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(
-            {"step": step, "position": position, "world_size": dist.world,
-             "config": dataclasses.asdict(cfg)}, indent=1))
-        if os.path.exists(final):  # an older checkpoint of the same step: swap it out
-            old = os.path.join(cfg.out_dir, f".old-{name}-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _atomic_write(os.path.join(cfg.out_dir, "latest"), name)
-    dist.barrier()
-    return final
-
-
-def repair_checkpoint_debris(out_dir: str) -> None:
-    """Clean up after an interrupted save (its debris is never named by ``latest``).
-
-    ``.tmp-checkpoint-*`` is a save that never completed: removed. ``.old-checkpoint-N-*``
-    is an older same-step checkpoint moved aside for the new one; if the crash came
-    before the new one moved in, ``checkpoint-N`` is missing (and ``latest`` may name
-    it), so the old one is put back; otherwise it is removed.
-    """
-    for name in sorted(os.listdir(out_dir)):
-        path = os.path.join(out_dir, name)
-        if name.startswith(".old-checkpoint-"):
-            live = os.path.join(out_dir, name[len(".old-"):].rsplit("-", 1)[0])
-            if not os.path.exists(live):
-                os.replace(path, live)
-                continue
-        if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _py_rng_to_list(state):
-    return [state[0], list(state[1]), state[2]]
-
-
-def _load_training_state(path, unwrapped, optimizer, scheduler):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
-    set_optimizer_state_dict(unwrapped, optimizer, osd, options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    py = rng["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 # ---------------------------------------------------------------- eval
 
 @torch.no_grad()
@@ -622,12 +466,11 @@ def check_config(cfg: TrainConfig):
     checkpoint whose configuration (or world size) differs. Returns
     ``(resume_path, resume_state)`` (``None, None`` without ``--resume``)."""
     validate_config(cfg)
-    resume_path = _resolve_resume(cfg)
+    resume_path = resolve_resume(cfg)
     if resume_path is None:
         return None, None
-    with open(os.path.join(resume_path, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    _check_resume_config(cfg, state, int(os.environ.get("WORLD_SIZE", "1")))
+    state = read_trainer_state(resume_path)
+    check_resume_config(cfg, state, int(os.environ.get("WORLD_SIZE", "1")))
     return resume_path, state
 
 
@@ -636,7 +479,7 @@ def train(cfg: TrainConfig) -> dict:
     "checkpoint", "out_dir", "skipped_rows"}`` (history: one dict per optimiser step with
     ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at each log interval)."""
     resume_path, resume_state = check_config(cfg)
-    dist = _init_distributed(cfg)
+    dist = init_distributed(cfg)
     try:
         return _train(cfg, dist, resume_path, resume_state)
     finally:
@@ -656,7 +499,7 @@ def _train(cfg, dist, resume_path, resume_state):
 
     hf_logging.disable_progress_bar()
 
-    device = _device(cfg, dist)
+    device = select_device(cfg, dist)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if dist.main:
         repair_checkpoint_debris(cfg.out_dir)
@@ -742,16 +585,7 @@ def _train(cfg, dist, resume_path, resume_state):
     model.train()
 
     unwrapped = model
-    if dist.world > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-            layers = getattr(getattr(model, "model", None), "layers", None) or []
-            for layer in layers:
-                fully_shard(layer)
-            fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(model, dist, device, fsdp=cfg.fsdp)
 
     optimizer = torch.optim.AdamW(unwrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(train_ds)
@@ -760,7 +594,7 @@ def _train(cfg, dist, resume_path, resume_state):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     start_step = 0
     if resume_path is not None:
-        _load_training_state(resume_path, unwrapped, optimizer, scheduler)
+        load_training_state(resume_path, unwrapped, optimizer, scheduler)
         start_step = int(resume_state["step"])
         _log(dist, f"resumed from {resume_path} at step {start_step}")
 
@@ -770,7 +604,7 @@ def _train(cfg, dist, resume_path, resume_state):
         if resume_path is not None and os.path.exists(metrics_path):
             with open(metrics_path, encoding="utf-8") as f:
                 kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= start_step]
-        _atomic_write(metrics_path, "".join(kept))
+        atomic_write(metrics_path, "".join(kept))
 
     def write_metrics(rec):
         if dist.main:
@@ -899,13 +733,13 @@ def _train(cfg, dist, resume_path, resume_state):
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
             flush(step)
-            last_ckpt = _save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler,
-                                         step, step * A * B * W)
+            last_ckpt = save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler,
+                                        step, step * A * B * W)
     flush(step)
     bar.close()
     final_eval = run_eval(step)
-    last_ckpt = _save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler,
-                                 step, step * A * B * W)
+    last_ckpt = save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler,
+                                step, step * A * B * W)
     return {"history": history, "evals": evals, "final_eval": final_eval, "step": step,
             "checkpoint": last_ckpt, "out_dir": cfg.out_dir, "skipped_rows": len(train_ds.skipped)}
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minorsft import checkpoint as C
 from minorsft import tiny
 from minorsft import train as T
 from minorsft.train import TrainConfig, train
@@ -97,7 +98,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, synt
     with open(os.path.join(cfg.out_dir, "latest")) as f:
         assert f.read().strip() == "checkpoint-2"
     assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoint-4"))
-    assert T._resolve_resume(dataclasses.replace(cfg, resume="latest")).endswith("checkpoint-2")
+    assert C.resolve_resume(dataclasses.replace(cfg, resume="latest")).endswith("checkpoint-2")
     assert any(n.startswith(".tmp-checkpoint-4") for n in os.listdir(cfg.out_dir))
     done = train(dataclasses.replace(cfg, resume="latest"))  # picks up at step 2, cleans the debris
     assert [h["step"] for h in done["history"]] == [3, 4]
@@ -135,3 +136,37 @@ def test_interrupted_same_step_swap_is_repaired(tmp_path):
     T.repair_checkpoint_debris(str(out))   # what train() runs first on rank 0
     assert (out / "checkpoint-3" / "marker").exists()
     assert not (out / ".tmp-checkpoint-3-999").exists()
+
+
+def test_checkpoint_is_on_disk_before_latest_names_it(tmp_path, synth, monkeypatch):
+    """Power-loss safety: every file of the checkpoint and its directory are fsynced before
+    the rename, the parent after it, and only then is `latest` rewritten."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(loss="sft", data=synth["train"], out_dir=out, max_steps=1, batch_size=4,
+                      max_length=32, progress=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train(cfg)
+    monkeypatch.undo()
+    final = os.path.join(out, "checkpoint-1")
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
+    latest = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.join(out, "latest"))
+    tmp = events[rename][1]
+    synced = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    files = [os.path.join(tmp, os.path.relpath(os.path.join(d, n), final))
+             for d, _, ns in os.walk(final) for n in ns]
+    assert files and all(f in synced for f in files)
+    assert tmp in synced
+    assert ("fsync", out) in events[rename:latest]
+    assert events[latest + 1:] and events[latest + 1] == ("fsync", out)

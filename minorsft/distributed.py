@@ -1,0 +1,80 @@
+"""The process group of a training run: rank / world size, the device, DDP / FSDP2 wrapping.
+
+Launched with ``torchrun`` (``WORLD_SIZE > 1``), :func:`init_distributed` joins (or
+creates) the process group; a plain ``python`` run is one rank and touches nothing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    """This process's place in the run: ``rank`` of ``world``, its ``local_rank`` on the
+    node, and whether :func:`init_distributed` created the process group (then the
+    caller destroys it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(cfg) -> Dist:
+    """A :class:`Dist` from the ``torchrun`` environment, initialising the process group
+    (NCCL on CUDA, one GPU per rank; else gloo) unless one already exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device in (None, "cuda") else "gloo"
+        if backend == "nccl":
+            # One GPU per rank: make it current before any CUDA work (else every rank
+            # creates a context and allocates on cuda:0).
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+        owns = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+
+
+def select_device(cfg, dist: Dist) -> torch.device:
+    """``cfg.device`` (a bare ``cuda`` becomes this rank's GPU), else this rank's GPU, else CPU."""
+    if cfg.device is not None:
+        d = torch.device(cfg.device)
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", dist.local_rank)
+        return d
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def wrap_model(model, dist: Dist, device: torch.device, *, fsdp: bool):
+    """The model to run forward / backward through: unchanged on one rank; with several,
+    sharded in place with FSDP2 ``fully_shard`` (each decoder layer, then the whole) when
+    ``fsdp``, else wrapped in ``DistributedDataParallel``."""
+    if dist.world <= 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        layers = getattr(getattr(model, "model", None), "layers", None) or []
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
