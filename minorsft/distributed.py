@@ -40,7 +40,7 @@ def init_distributed(cfg) -> Dist:
     import torch.distributed as dist
     owns = False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device in (None, "cuda") else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and requested_device(cfg) in (None, "cuda") else "gloo"
         if backend == "nccl":
             # One GPU per rank: make it current before any CUDA work (else every rank
             # creates a context and allocates on cuda:0).
@@ -51,10 +51,16 @@ def init_distributed(cfg) -> Dist:
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
 
 
+def requested_device(cfg):
+    """``cfg.device``, else the ``MINORSFT_DEVICE`` environment variable, else None (auto)."""
+    return cfg.device if cfg.device is not None else os.environ.get("MINORSFT_DEVICE") or None
+
+
 def select_device(cfg, dist: Dist) -> torch.device:
-    """``cfg.device`` (a bare ``cuda`` becomes this rank's GPU), else this rank's GPU, else CPU."""
-    if cfg.device is not None:
-        d = torch.device(cfg.device)
+    """The requested device (``--device`` or ``MINORSFT_DEVICE``; a bare ``cuda`` becomes
+    this rank's GPU), else this rank's GPU, else CPU."""
+    if requested_device(cfg) is not None:
+        d = torch.device(requested_device(cfg))
         if d.type == "cuda" and d.index is None:
             d = torch.device("cuda", dist.local_rank)
         return d

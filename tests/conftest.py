@@ -8,6 +8,10 @@ import os
 import zlib
 
 os.environ.setdefault("MINORSFT_DEBUG_POISON", "1")
+# The training-loop tests check loop logic (exact resume, DDP == one process) in fp32
+# on the CPU, also on a GPU machine (subprocesses inherit this); test_train_cuda.py
+# runs the loop on the GPU on purpose.
+os.environ.setdefault("MINORSFT_DEVICE", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
