@@ -20,9 +20,8 @@ and ``p = exp(z - lse)`` recomputed per chunk from the saved ``lse``::
 Low-precision weights are upcast to fp32 once per call (an ``O(V H)`` copy, not
 ``O(N V)``), so every logit is the fp32 dot of the rounded inputs, exactly what the
 Triton kernels compute with fp32 accumulation. The functions mirror
-:mod:`minorsft.kernels.linear` argument for argument; :class:`LinearTokenLogprobs` is a
-standalone ``torch.autograd.Function`` over them (the public API goes through the
-custom ops in :mod:`minorsft.linear`).
+:mod:`minorsft.kernels.linear` argument for argument; the autograd formula is the
+custom ops' in :mod:`minorsft.linear`.
 """
 from __future__ import annotations
 
@@ -219,50 +218,3 @@ def linear_logprobs_backward(
         db = db.to(bias.dtype)
     return dh, dw, db
 
-
-class LinearTokenLogprobs(torch.autograd.Function):
-    """``(hidden, weight, bias, labels) -> lp [B, T]`` fp32 with the chunked backward.
-
-    ``forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, memory_budget)``;
-    ``bias`` may be None. The backward recomputes each chunk's logits from the saved
-    inputs and the per-token ``lse``: nothing ``[N, V]`` is saved.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index=-100, temperature=1.0,
-                memory_budget=None):
-        lp, lse = linear_logprobs_forward(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                          temperature=temperature, memory_budget=memory_budget)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.opts = (ignore_index, temperature, memory_budget)
-        return lp
-
-    @staticmethod
-    def backward(ctx, grad_lp):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        ignore_index, temperature, memory_budget = ctx.opts
-        dh, dw, db = linear_logprobs_backward(
-            hidden, weight, labels, lse, grad_lp, bias, ignore_index=ignore_index,
-            temperature=temperature, need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
-            memory_budget=memory_budget)
-        return dh, dw, db, None, None, None, None
-
-
-def linear_token_logprobs_torch(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    memory_budget: Optional[int] = None,
-) -> torch.Tensor:
-    """Differentiable ``[B, T]`` fp32 token log-probs via :class:`LinearTokenLogprobs`.
-
-    ``hidden [B, T, H]``, ``weight [V, H]``, ``labels [B, T]``, ``bias [V]`` or None.
-    No argument checking: the public entry points in :mod:`minorsft.linear` do that.
-    """
-    return LinearTokenLogprobs.apply(hidden, weight, bias, labels, ignore_index, temperature,
-                                     memory_budget)
