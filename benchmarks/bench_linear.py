@@ -43,7 +43,10 @@ from benchmarks.bench_logprobs import BETA, Unavailable, batch_shape, fmt_row, t
 
 BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
 ALL_CASES = BASE_CASES + tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
-PROVIDERS = ("minorsft", "eager", "compile", "liger", "cce", "torch_lce", "trl")
+# minorsft: the Triton tl.dot kernels; minorsft_torch: the same API on the PyTorch
+# backend (cuBLAS matmuls into a bounded fp32 chunk, folded by torch ops), i.e. the
+# "cuBLAS tiles" design to compare against.
+PROVIDERS = ("minorsft", "minorsft_torch", "eager", "compile", "liger", "cce", "torch_lce", "trl")
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384)
 HIDDEN = 4096
@@ -126,7 +129,7 @@ def loss_fn_for(provider: str, case: str, inp: LInputs) -> Callable[[], torch.Te
     base = base_case(case)
     h, w, y = inp.hidden, inp.weight, inp.labels
     n_h = h.shape[-1]
-    if provider == "minorsft":
+    if provider in ("minorsft", "minorsft_torch"):
         try:
             from minorsft import linear as ML
             fn = {"token_logprobs": ML.linear_token_logprobs, "sft": ML.linear_sft_loss,
@@ -134,7 +137,7 @@ def loss_fn_for(provider: str, case: str, inp: LInputs) -> Callable[[], torch.Te
                   "dpo": ML.linear_dpo_loss}[base]
         except (ImportError, AttributeError) as exc:
             raise Unavailable(f"minorsft.linear not importable: {exc}") from exc
-        kw = {}
+        kw = {"backend": "torch"} if provider == "minorsft_torch" else {}
         if inp.ref_hidden is not None:
             kw["ref_hidden"] = inp.ref_hidden
         elif inp.ref_logprobs is not None:

@@ -23,7 +23,7 @@ from benchmarks.utils import TOP_KEYS, check_schema
 
 GOAL = {"dtype": "bf16", "vocab": 128256, "tokens": 16384, "mode": "fwd_bwd"}
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps")
-PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "eager", "compile", "liger", "trl", "cce", "torch_lce")
+PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "minorsft_torch", "eager", "compile", "liger", "trl", "cce", "torch_lce")
 
 
 def load(path: str) -> Dict[str, object]:
