@@ -134,9 +134,19 @@ def check_resume_config(cfg, state: dict, world: int) -> None:
         raise ValueError("--resume: incompatible configuration: " + "; ".join(diffs))
 
 
+def check_resume_data(state: dict, data_fingerprint: str) -> None:
+    """``ValueError`` if the tokenised training data differs from the checkpoint's
+    (same ``--data`` path, regenerated or edited file, other tokenizer or max length)."""
+    saved = state.get("data_fingerprint")
+    if saved and saved != data_fingerprint:
+        raise ValueError(f"--resume: the tokenised training data changed since the checkpoint "
+                         f"(fingerprint {saved[:12]} != now {data_fingerprint[:12]})")
+
+
 # ---------------------------------------------------------------- save / load
 
-def save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler, step, position) -> str:
+def save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler, step, position,
+                    data_fingerprint: str = "") -> str:
     """Write ``out_dir/checkpoint-{step}`` (full state dicts gathered on every rank,
     written by rank 0) and point ``out_dir/latest`` at it; returns its path.
 
@@ -161,7 +171,7 @@ def save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler
         torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
         atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(
             {"step": step, "position": position, "world_size": dist.world,
-             "config": dataclasses.asdict(cfg)}, indent=1))
+             "data_fingerprint": data_fingerprint, "config": dataclasses.asdict(cfg)}, indent=1))
         fsync_tree(tmp)  # every byte on disk before any name points at it
         if os.path.exists(final):  # an older checkpoint of the same step: swap it out
             old = os.path.join(cfg.out_dir, f".old-{name}-{os.getpid()}")

@@ -36,7 +36,7 @@ import torch
 from minorsft import data as D
 from minorsft import reference_model as R
 from minorsft.checkpoint import RESUME_FIELDS  # noqa: F401  (re-exported)
-from minorsft.checkpoint import (atomic_write, check_resume_config, load_training_state,
+from minorsft.checkpoint import (atomic_write, check_resume_config, check_resume_data, load_training_state,
                                  read_trainer_state, repair_checkpoint_debris, resolve_resume,
                                  save_checkpoint)
 from minorsft.distributed import Dist, init_distributed, select_device, wrap_model
@@ -512,6 +512,8 @@ def _train(cfg, dist, resume_path, resume_state):
     train_path, eval_path = _data_paths(cfg, dist)
     train_ds = D.load_dataset(train_path, tokenizer, max_length=cfg.max_length, kind=kind,
                               skip_bad_rows=cfg.skip_bad_rows)
+    if resume_state is not None:   # refused before any model is built
+        check_resume_data(resume_state, train_ds.fingerprint)
     eval_ds = (D.load_dataset(eval_path, tokenizer, max_length=cfg.max_length, kind=kind,
                               skip_bad_rows=cfg.skip_bad_rows, limit=cfg.eval_limit)
                if eval_path else None)
@@ -734,12 +736,12 @@ def _train(cfg, dist, resume_path, resume_state):
         if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
             flush(step)
             last_ckpt = save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler,
-                                        step, step * A * B * W)
+                                        step, step * A * B * W, train_ds.fingerprint)
     flush(step)
     bar.close()
     final_eval = run_eval(step)
     last_ckpt = save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler,
-                                step, step * A * B * W)
+                                step, step * A * B * W, train_ds.fingerprint)
     return {"history": history, "evals": evals, "final_eval": final_eval, "step": step,
             "checkpoint": last_ckpt, "out_dir": cfg.out_dir, "skipped_rows": len(train_ds.skipped)}
 

@@ -170,3 +170,22 @@ def test_checkpoint_is_on_disk_before_latest_names_it(tmp_path, synth, monkeypat
     assert tmp in synced
     assert ("fsync", out) in events[rename:latest]
     assert events[latest + 1:] and events[latest + 1] == ("fsync", out)
+
+
+def test_resume_refuses_changed_data_at_the_same_path(tmp_path, full_run, synth):
+    """Same --data path, different content: refused before any model is built."""
+    cfg, _ = full_run
+    edited = tmp_path / "train.jsonl"
+    lines = open(synth["train"], encoding="utf-8").read().splitlines()
+    edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n", encoding="utf-8")   # reordered
+    ckpt = os.path.join(cfg.out_dir, "checkpoint-3")
+    state = os.path.join(ckpt, "trainer_state.json")
+    import json
+    saved = json.load(open(state))
+    saved["config"]["data"] = str(edited)           # as if the file had been regenerated in place
+    other = tmp_path / "ckpt"
+    import shutil
+    shutil.copytree(ckpt, other)
+    json.dump(saved, open(other / "trainer_state.json", "w"))
+    with pytest.raises(ValueError, match="training data changed"):
+        train(dataclasses.replace(cfg, data=str(edited), out_dir=str(tmp_path / "r"), resume=str(other)))
