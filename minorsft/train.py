@@ -170,8 +170,6 @@ def validate_config(cfg: TrainConfig) -> None:
                 raise ValueError(f"--{name.replace('_', '-')}: not a device: {value!r}") from None
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"--{name.replace('_', '-')} {value}: CUDA is not available")
-    if cfg.fused_linear and cfg.fsdp:
-        raise ValueError("--fused-linear: not supported with --fsdp (the lm_head weight is sharded); use DDP")
     if cfg.fused_linear:
         try:
             import minorsft.linear  # noqa: F401
@@ -299,6 +297,9 @@ def _loss_inputs(cfg, model, unwrapped, ref_model, ref_logps, fwd):
     head = unwrapped.get_output_embeddings()
     hidden = _hidden_states(model, unwrapped, fwd)[:, :-1]
     weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):   # FSDP2: a sharded DTensor; gather it (differentiably)
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
     if weight.dtype != hidden.dtype:  # autocast: the head runs in the activations' dtype
         weight = weight.to(hidden.dtype)
         bias = bias.to(hidden.dtype) if bias is not None else None

@@ -144,7 +144,6 @@ def test_sampler_is_a_permutation_per_epoch_and_deterministic():
     (dict(loss="minor_sft", label_smoothing=0.1), "--label-smoothing"), (dict(lr=-1.0), "--lr"),
     (dict(data="/nonexistent.jsonl"), "--data"), (dict(loss="sft", precompute_ref=True), "--precompute-ref"),
     (dict(schedule="step"), "--schedule"), (dict(max_length=1), "--max-length"),
-    (dict(fused_linear=True, fsdp=True), "--fused-linear"),
 ])
 def test_bad_config_is_refused_with_the_flag_named(kw, flag):
     with pytest.raises(ValueError, match=flag):
