@@ -8,8 +8,13 @@ Forward (one program per token row ``n = b * T + t``)::
 
 Bytes per unmasked token (bf16, vocabulary V): the policy row is read once (2V) and,
 with reference logits, the reference row once (2V); the outputs are 12 bytes. A
-masked row reads nothing but its label. The eager formula instead writes and
-re-reads an fp32 ``[N, V]`` log-softmax (8V more bytes each way per tensor).
+masked row reads nothing but its label. The eager formula instead materialises fp32
+``[N, V]`` tensors (the upcast, the log-softmax): 4V bytes written and 4V read back per
+token for each of them.
+
+With fewer rows than two per SM a row's vocabulary is split over several programs
+(grid ``(N, S)``): each writes its chunk's (max, sum-of-exp) partials and the chunk
+holding the label writes the target logit; a small ``[N, S]`` merge follows.
 
 Backward: with ``g[n] = dLoss/dlp[n]`` (any upstream gradient, already containing the
 per-sequence loss coefficient) and ``p = softmax(z / tau)`` recomputed from the saved
