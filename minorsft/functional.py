@@ -23,11 +23,7 @@ LOSS_KINDS = ("sft", "minor_sft", "dpo", "minor_dpo")
 def _check_common(logits, labels, ignore_index, temperature, check_labels):
     V.check_logits("logits", logits)
     V.check_labels(labels, logits.shape[:2], logits.device)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: must be an int, got {type(ignore_index).__name__}")
-    temperature = V.check_positive("temperature", temperature)
-    V.check_labels_range(labels, logits.shape[-1], ignore_index, check_labels)
-    return temperature
+    return V.check_token_options(labels, logits.shape[-1], ignore_index, temperature, check_labels)
 
 
 def _check_ref(logits, ref_logits, ref_logprobs):

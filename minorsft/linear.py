@@ -148,15 +148,13 @@ def _check_common(hidden, weight, bias, labels, ignore_index, temperature, memor
                   check_labels) -> Tuple[float, int]:
     _check_linear("", hidden, weight, bias)
     V.check_labels(labels, hidden.shape[:2], hidden.device, "hidden")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: must be an int, got {type(ignore_index).__name__}")
-    temperature = V.check_positive("temperature", temperature)
     if memory_budget is not None:
         if not isinstance(memory_budget, int) or isinstance(memory_budget, bool):
             raise TypeError(f"memory_budget: must be an int (bytes) or None, got "
                             f"{type(memory_budget).__name__}")
         linear_reference.memory_budget_bytes(memory_budget)
-    V.check_labels_range(labels, weight.shape[0], ignore_index, check_labels)
+    temperature = V.check_token_options(labels, weight.shape[0], ignore_index, temperature,
+                                        check_labels)
     return temperature, int(memory_budget or 0)
 
 

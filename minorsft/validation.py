@@ -117,6 +117,18 @@ def check_ref_logprobs(ref_logprobs, batch_shape, device) -> None:
         raise ValueError(f"ref_logprobs: on {ref_logprobs.device}, but logits are on {device}")
 
 
+def check_token_options(labels, vocab: int, ignore_index, temperature,
+                        check_labels: Optional[bool]) -> float:
+    """Options every token log-prob entry point takes: ``ignore_index`` an int,
+    ``temperature`` > 0 (returned as a float) and the label range (see
+    :func:`check_labels_range`)."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: must be an int, got {type(ignore_index).__name__}")
+    temperature = check_positive("temperature", temperature)
+    check_labels_range(labels, vocab, ignore_index, check_labels)
+    return temperature
+
+
 def check_pairs(batch_size: int) -> None:
     """DPO-family batches hold B/2 chosen rows then B/2 rejected rows."""
     if batch_size % 2 != 0 or batch_size == 0:
