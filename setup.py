@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["minorsft", "minorsft.kernels", "minorsft.integrations"],
+    packages=["minorsft", "minorsft.kernels", "minorsft.backends", "minorsft.train", "minorsft.integrations"],
     package_dir={"minorsft": "minorsft", "minorsft.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minorsft.kernels.common import LN2, LOG2E, alloc_output as _alloc, device_guard
+from .common import LN2, LOG2E, alloc_output as _alloc, device_guard
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
 # compile error on the GPU that the CPU interpreter does not report).

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 
-from minorsft.train import LENGTH_NORMS, LOSS_TYPES, LOSSES, SCHEDULES, TrainConfig
+from minorsft.train.loop import LENGTH_NORMS, LOSS_TYPES, LOSSES, SCHEDULES, TrainConfig
 
 
 def _bool_flag(p, name, default, help):

@@ -23,8 +23,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, beta: float |
              seed: int = 0, print_fn=print) -> dict:
     """Run both trainings; returns ``{"sft": final_eval, "minor_sft": final_eval, "plot",
     "metrics"}``."""
-    from minorsft.plots import plot_runs
-    from minorsft.tiny import write_synthetic_dataset
+    from minorsft.train.plots import plot_runs
+    from minorsft.train.tiny import write_synthetic_dataset
     from minorsft.train import TrainConfig, train
 
     import torch

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from minorsft import linear_reference
+from minorsft.backends import torch_linear
 from minorsft import validation as V
 from minorsft.functional import loss_from_token_logprobs
 from minorsft.ops import select_backend
@@ -32,7 +32,7 @@ def _impl(backend: str):
     if backend == "triton":
         from minorsft.kernels import linear
         return linear.linear_forward, linear.linear_backward
-    return linear_reference.linear_logprobs_forward, linear_reference.linear_logprobs_backward
+    return torch_linear.linear_logprobs_forward, torch_linear.linear_logprobs_backward
 
 
 def _budget_kw(backend: str, memory_budget: int) -> dict:
@@ -152,7 +152,7 @@ def _check_common(hidden, weight, bias, labels, ignore_index, temperature, memor
         if not isinstance(memory_budget, int) or isinstance(memory_budget, bool):
             raise TypeError(f"memory_budget: must be an int (bytes) or None, got "
                             f"{type(memory_budget).__name__}")
-        linear_reference.memory_budget_bytes(memory_budget)
+        torch_linear.memory_budget_bytes(memory_budget)
     temperature = V.check_token_options(labels, weight.shape[0], ignore_index, temperature,
                                         check_labels)
     return temperature, int(memory_budget or 0)

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from minorsft import reference
+from minorsft.backends import torch_logprobs
 
 log = logging.getLogger("minorsft")
 BACKENDS = ("auto", "triton", "torch")
@@ -70,7 +70,7 @@ def _impl(backend: str):
     if backend == "triton":
         from minorsft.kernels import logprobs
         return logprobs
-    return reference
+    return torch_logprobs
 
 
 @torch.library.custom_op("minorsft::token_logprobs", mutates_args=())

@@ -1,7 +1,7 @@
 """Fused linear path: loss, d_hidden, d_weight, d_bias against float64 eager.
 
 The ground truth forms the logits ``hidden @ weight^T + bias`` in float64 from the
-upcast inputs and applies the SPEC formulas (tests/eager.py). The error bar is the
+upcast inputs and applies the SPEC formulas (tests/ground_truth.py). The error bar is the
 eager formula as people run it in the input dtype: logits from a matmul in that
 dtype, then an fp32 log-softmax. Shapes are odd on purpose (H not a multiple of 16,
 V not a power of two), with masked prompt tokens and a strided ``hidden[:, :-1]``.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minorsft import linear as L
-from tests import eager
+from tests import ground_truth as eager
 from tests.util import assert_error_bar
 
 B, T, H, V = 4, 13, 40, 101

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorsft import checkpoint as C
-from minorsft import tiny
-from minorsft import train as T
+from minorsft.train import checkpoint as C
+from minorsft.train import tiny
+from minorsft.train import loop as T
 from minorsft.train import TrainConfig, train
 
 

@@ -33,13 +33,13 @@ from typing import Optional
 
 import torch
 
-from minorsft import data as D
-from minorsft import reference_model as R
-from minorsft.checkpoint import RESUME_FIELDS  # noqa: F401  (re-exported)
-from minorsft.checkpoint import (atomic_write, check_resume_config, check_resume_data, load_training_state,
+from minorsft.train import data as D
+from minorsft.train import reference as R
+from minorsft.train.checkpoint import RESUME_FIELDS  # noqa: F401  (re-exported)
+from minorsft.train.checkpoint import (atomic_write, check_resume_config, check_resume_data, load_training_state,
                                  read_trainer_state, repair_checkpoint_debris, resolve_resume,
                                  save_checkpoint)
-from minorsft.distributed import Dist, init_distributed, select_device, wrap_model
+from minorsft.train.distributed import Dist, init_distributed, select_device, wrap_model
 
 LOSSES = ("sft", "minor_sft", "dpo", "minor_dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -196,7 +196,7 @@ def _check_plain_lm_head(model) -> None:
 def load_model_and_tokenizer(path: Optional[str], *, tiny_seed: int = 0):
     """``(model fp32, tokenizer)`` from a local HF directory, or the built-in tiny model."""
     if path is None or path == "tiny":
-        from minorsft.tiny import build_tiny_model
+        from minorsft.train.tiny import build_tiny_model
         return build_tiny_model(seed=tiny_seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -206,7 +206,7 @@ def load_model_and_tokenizer(path: Optional[str], *, tiny_seed: int = 0):
 
 def _load_tokenizer(cfg):
     if cfg.model is None or cfg.model == "tiny":
-        from minorsft.tiny import build_tokenizer
+        from minorsft.train.tiny import build_tokenizer
         return build_tokenizer()
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(cfg.model)
@@ -215,7 +215,7 @@ def _load_tokenizer(cfg):
 def _data_paths(cfg, dist: Dist):
     if cfg.data is not None:
         return cfg.data, cfg.eval_data
-    from minorsft.tiny import write_synthetic_dataset
+    from minorsft.train.tiny import write_synthetic_dataset
     d = os.path.join(cfg.out_dir, "data")
     if dist.main and not os.path.exists(os.path.join(d, "eval.jsonl")):
         write_synthetic_dataset(d, seed=cfg.seed)

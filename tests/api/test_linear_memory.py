@@ -26,7 +26,7 @@ import pytest
 # The PyTorch backend only: nothing for the Triton interpreter pass to run.
 pytestmark = pytest.mark.no_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_BATCH, N_TIME, HIDDEN, VOCAB = 4, 2048, 256, 32000      # N = 8192 tokens
 MAX_RATIO = 0.15
 

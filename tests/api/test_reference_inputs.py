@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import minorsft as ms
-from tests import eager
+from tests import ground_truth as eager
 from tests.util import make_batch
 
 FNS = [ms.minor_sft_loss, ms.minor_dpo_loss, ms.dpo_loss]

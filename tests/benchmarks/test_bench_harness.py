@@ -17,7 +17,7 @@ from benchmarks import utils as U
 # Spawns its own TRITON_INTERPRET=1 subprocesses: one pass of `make test` is enough.
 pytestmark = pytest.mark.no_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("case, per_token_bf16", [

@@ -8,14 +8,15 @@ import sys
 
 import pytest
 
-from minorsft import cli, tiny
+from minorsft import cli
+from minorsft.train import tiny
 from minorsft.train import TrainConfig
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.
 pytestmark = pytest.mark.no_interpreter
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

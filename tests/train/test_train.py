@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from minorsft import data as D
-from minorsft import reference_model as R
-from minorsft import tiny
-from minorsft.train import Sampler, TrainConfig, _lr_lambda, compute_loss, train, validate_config
+from minorsft.train import data as D
+from minorsft.train import reference as R
+from minorsft.train import tiny
+from minorsft.train.loop import Sampler, TrainConfig, _lr_lambda, compute_loss, train, validate_config
 
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.

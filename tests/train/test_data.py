@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from minorsft import data as D
-from minorsft import tiny
+from minorsft.train import data as D
+from minorsft.train import tiny
 
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import minorsft as ms
-from tests import eager
+from tests import ground_truth as eager
 from tests.util import assert_error_bar, grad_of, make_batch
 
 CASES = [

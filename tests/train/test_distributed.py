@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minorsft import tiny
-from minorsft.plots import read_metrics
+from minorsft.train import tiny
+from minorsft.train.plots import read_metrics
 from minorsft.train import TrainConfig, train
 
 pytestmark = [pytest.mark.no_interpreter,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minorsft import tiny
+from minorsft.train import tiny
 from minorsft.train import TrainConfig, train
 
 pytestmark = [pytest.mark.no_interpreter,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from minorsft import data as D
-from minorsft import reference_model as R
-from minorsft import tiny
+from minorsft.train import data as D
+from minorsft.train import reference as R
+from minorsft.train import tiny
 from minorsft.train import TrainConfig, train
 
 
