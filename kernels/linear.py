@@ -84,6 +84,11 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _staging(memory_budget: Optional[int], H: int) -> int:
+    """Rows (or columns) of an fp32 ``[*, H]`` staging buffer that fit ``memory_budget``."""
+    return max(1, memory_budget // (4 * H)) if memory_budget else 0
+
+
 def launch_config(N: int, V: int, H: int) -> Tuple[int, int, int, int]:
     """Return ``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)``; every block >= 16 (tl.dot)."""
     bn = _env_int("MINORSFT_LINEAR_BLOCK_N", DEFAULT_BLOCK_N)
@@ -298,6 +303,7 @@ def linear_forward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    memory_budget: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labels under ``softmax((hidden @ weight^T + bias) / tau)``.
 
@@ -306,6 +312,8 @@ def linear_forward(
         weight: ``[V, H]``, same dtype, any strides.
         labels: ``[B, T]`` integer, any strides.
         bias: optional ``[V]``.
+        memory_budget: accepted for the backends' common signature; the forward tiles
+            hold no buffer that grows with the budget.
     Returns:
         ``(lp, lse)``: ``[B, T]`` fp32 each (contiguous). ``lp`` is 0 where masked and
         NaN for a label outside ``[0, V)``; ``lse`` is 0 where masked.
@@ -344,8 +352,7 @@ def linear_backward(
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
-    rows_per_launch: Optional[int] = None,
-    vocab_per_launch: Optional[int] = None,
+    memory_budget: Optional[int] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``sum(grad_lp * lp)`` with respect to hidden, weight and bias.
 
@@ -354,8 +361,9 @@ def linear_backward(
         lse: ``[B, T]`` fp32 from :func:`linear_forward` (contiguous).
         grad_lp: ``[B, T]`` upstream gradient of the log-probs (any strides, may be expanded).
         need_*: which gradients to form (``None`` is returned for the others).
-        rows_per_launch / vocab_per_launch: launch sizes of the low-precision paths
-            below; defaults ``DEFAULT_BWD_ROWS`` / ``DEFAULT_BWD_VOCAB``.
+        memory_budget: bytes of the fp32 staging buffer of the low-precision paths
+            below (``budget / (4 H)`` token rows or vocabulary columns per launch);
+            default ``DEFAULT_BWD_ROWS`` rows / ``DEFAULT_BWD_VOCAB`` columns.
 
     fp32 accumulation of low-precision gradients needs one whole fp32 buffer, either dH
     or dW; the launcher keeps the smaller one: with ``N < V`` tokens a whole fp32 dH
@@ -402,7 +410,7 @@ def linear_backward(
     elif N < V:
         # Fewer tokens than vocabulary entries: a whole fp32 dH (4 N H bytes) and the
         # vocabulary in slices, each slice's fp32 dW rounded once into dw.
-        vstep = max(bv, vocab_per_launch or _env_int("MINORSFT_LINEAR_BWD_VOCAB", DEFAULT_BWD_VOCAB))
+        vstep = max(bv, _staging(memory_budget, H) or _env_int("MINORSFT_LINEAR_BWD_VOCAB", DEFAULT_BWD_VOCAB))
         dh32 = torch.zeros((N, H), **f32) if need_hidden else None
         dw32 = torch.empty((min(vstep, V), H), **f32) if need_weight else None
         for v0 in range(0, V, vstep):
@@ -416,7 +424,7 @@ def linear_backward(
     else:
         # At least as many tokens as vocabulary entries: a whole fp32 dW (4 V H bytes)
         # and the tokens in chunks, each chunk's fp32 dH rounded once into dh.
-        nstep = max(bn, rows_per_launch or _env_int("MINORSFT_LINEAR_BWD_ROWS", DEFAULT_BWD_ROWS))
+        nstep = max(bn, _staging(memory_budget, H) or _env_int("MINORSFT_LINEAR_BWD_ROWS", DEFAULT_BWD_ROWS))
         dw32 = torch.zeros((V, H), **f32) if need_weight else None
         dh32 = torch.empty((min(nstep, N), H), **f32) if need_hidden else None
         for n0 in range(0, N, nstep):

@@ -63,8 +63,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(vocab: int, n_rows: int, device: torch.device,
-                  block_v: Optional[int] = None) -> Tuple[int, int, int, int]:
+def launch_config(vocab: int, n_rows: int, device: torch.device) -> Tuple[int, int, int, int]:
     """Return ``(BLOCK_V, num_warps, CHUNK_V, splits)`` for ``n_rows`` rows of ``vocab``.
 
     With many rows a program owns a whole row (``splits == 1``). With few rows (fewer
@@ -73,7 +72,7 @@ def launch_config(vocab: int, n_rows: int, device: torch.device,
     merges the per-chunk (max, sum) partials. ``MINORSFT_SPLIT_V`` forces a split count
     (tests, tuning).
     """
-    block = block_v or int(os.environ.get("MINORSFT_BLOCK_V", DEFAULT_BLOCK_V))
+    block = int(os.environ.get("MINORSFT_BLOCK_V", DEFAULT_BLOCK_V))
     block = max(16, min(triton.next_power_of_2(block), triton.next_power_of_2(vocab)))
     warps = int(os.environ.get("MINORSFT_NUM_WARPS", DEFAULT_NUM_WARPS))
     n_blocks = triton.cdiv(vocab, block)
@@ -262,7 +261,6 @@ def logprobs_forward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
-    block_v: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labels.
 
@@ -281,7 +279,7 @@ def logprobs_forward(
     ref_lp = _alloc((B, T) if has_ref else (0,), torch.float32, dev)
     if N == 0:
         return _alloc((B, T), torch.float32, dev), _alloc((B, T), torch.float32, dev), ref_lp
-    block, warps, chunk, splits = launch_config(V, N, dev, block_v)
+    block, warps, chunk, splits = launch_config(V, N, dev)
     rs = ref_logits.stride() if has_ref else (0, 0, 0)
     if splits == 1:
         lp = _alloc((B, T), torch.float32, dev)
@@ -320,7 +318,6 @@ def logprobs_backward(
     ignore_index: int = -100,
     temperature: float = 1.0,
     out: Optional[torch.Tensor] = None,
-    block_v: Optional[int] = None,
 ) -> torch.Tensor:
     """Gradient of the loss with respect to the logits.
 
@@ -340,7 +337,7 @@ def logprobs_backward(
         out = _alloc((B, T, V), logits.dtype, logits.device)
     if B * T == 0:
         return out
-    block, warps, chunk, splits = launch_config(V, B * T, logits.device, block_v)
+    block, warps, chunk, splits = launch_config(V, B * T, logits.device)
     with device_guard(logits):
         _logprobs_bwd_kernel[(B * T, splits)](
             logits, labels, lse, grad_lp, out,

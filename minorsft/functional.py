@@ -4,45 +4,55 @@ Every loss is ``token log-probs (one fused op) -> per-sequence sums -> a small l
 formula (losses.py) -> reduction``. The op streams the policy (and reference) logits
 once; the epilogue works on ``[B, T]`` / ``[B]`` fp32 tensors only, with no host
 synchronisation, and its gradient reaches the logits through the op's backward.
+The functions build a :class:`LogitsInputs` and hand it to the dispatch shared with the
+fused linear path (:func:`minorsft.dispatch.run_loss`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from minorsft import losses
 from minorsft import validation as V
+from minorsft.dispatch import run_loss
+from minorsft.losses import LossOut
 from minorsft.ops import select_backend
 
-LossOut = Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]
-LOSS_KINDS = ("sft", "minor_sft", "dpo", "minor_dpo")
 
+class LogitsInputs:
+    """The logits path's tensors and token options, checked on construction.
 
-def _check_common(logits, labels, ignore_index, temperature, check_labels):
-    V.check_logits("logits", logits)
-    V.check_labels(labels, logits.shape[:2], logits.device)
-    return V.check_token_options(labels, logits.shape[-1], ignore_index, temperature, check_labels)
+    ``logits`` / ``ref_logits``: ``[B, T, V]`` (any strides, any float dtype each);
+    ``labels``: ``[B, T]`` aligned with the logits.
+    """
 
+    ref_name = "ref_logits"
 
-def _check_ref(logits, ref_logits, ref_logprobs):
-    V.check_reference("ref_logits", ref_logits, "ref_logprobs", ref_logprobs)
-    if ref_logits is not None:
-        V.check_logits("ref_logits", ref_logits)
-        V.check_same("ref_logits", ref_logits, "logits", logits)
-    else:
-        V.check_ref_logprobs(ref_logprobs, logits.shape[:2], logits.device)
+    def __init__(self, logits: Tensor, labels: Tensor, ref_logits: Optional[Tensor] = None, *,
+                 ignore_index: int, temperature: float, backend: Optional[str],
+                 inplace_backward: bool = False, check_labels: Optional[bool] = None):
+        V.check_logits("logits", logits)
+        V.check_labels(labels, logits.shape[:2], logits.device)
+        self.temperature = V.check_token_options(labels, logits.shape[-1], ignore_index,
+                                                 temperature, check_labels)
+        if ref_logits is not None:
+            V.check_logits("ref_logits", ref_logits)
+            V.check_same("ref_logits", ref_logits, "logits", logits)
+            ref_logits = ref_logits.detach()   # the reference is frozen
+        self.backend = select_backend(backend, logits.device)
+        self.logits, self.labels, self.ref_logits = logits, labels, ref_logits
+        self.ignore_index, self.inplace_backward = ignore_index, bool(inplace_backward)
+        self.device = logits.device
+        self.has_ref = ref_logits is not None
 
-
-def _logprobs(logits, labels, ref_logits, ignore_index, temperature, backend, inplace_backward):
-    """Run the fused op: ``(lp [B,T], ref_lp [B,T] or None)``, fp32."""
-    be = select_backend(backend, logits.device)
-    if ref_logits is not None:
-        ref_logits = ref_logits.detach()   # the reference is frozen
-    lp, _lse, ref_lp = torch.ops.minorsft.token_logprobs(
-        logits, labels, ref_logits, ignore_index, float(temperature), be, bool(inplace_backward))
-    return lp, (ref_lp if ref_logits is not None else None)
+    def logprobs(self):
+        """Run the fused op: ``(lp [B,T], ref_lp [B,T] or None)``, fp32."""
+        lp, _lse, ref_lp = torch.ops.minorsft.token_logprobs(
+            self.logits, self.labels, self.ref_logits, self.ignore_index, self.temperature,
+            self.backend, self.inplace_backward)
+        return lp, (ref_lp if self.has_ref else None)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
@@ -61,104 +71,29 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
         ``[B, T]`` fp32 ``log softmax(logits / temperature)[label]``, 0 where masked;
         differentiable with respect to ``logits``.
     """
-    temperature = _check_common(logits, labels, ignore_index, temperature, check_labels)
-    return _logprobs(logits, labels, None, ignore_index, temperature, backend, False)[0]
+    return LogitsInputs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                        backend=backend, check_labels=check_labels).logprobs()[0]
 
 
-def _sequence_stats(logps, mask, ref_token_logps, ref_seq_logps):
-    """``(S [B], S_ref [B], m [B] int, valid [B] bool)`` from per-token values."""
-    S = logps.sum(-1)
-    m = mask.sum(-1)
-    if ref_token_logps is not None:
-        ref = ref_token_logps.detach().float()
-        S_ref = torch.where(mask, ref, torch.zeros_like(ref)).sum(-1)
-    else:
-        S_ref = ref_seq_logps.detach().float()
-    return S, S_ref, m, m > 0
+def fused_loss(loss: str, logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tensor] = None,
+               ref_logprobs: Optional[Tensor] = None, ignore_index: int = -100,
+               reduction: str = "mean", num_items_in_batch: Optional[Union[int, Tensor]] = None,
+               temperature: float = 1.0, return_metrics: bool = False,
+               backend: Optional[str] = None, inplace_backward: bool = False,
+               check_labels: Optional[bool] = None, **options) -> LossOut:
+    """Any loss of :data:`minorsft.LOSSES` by name, e.g. for a trainer configured by name.
 
-
-def loss_from_token_logprobs(
-    loss: str,
-    logps: Tensor,
-    mask: Tensor,
-    *,
-    ref_token_logps: Optional[Tensor] = None,
-    ref_seq_logps: Optional[Tensor] = None,
-    beta: float = 0.1,
-    length_norm: str = "outside",
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, Tensor]] = None,
-    return_metrics: bool = False,
-) -> LossOut:
-    """The shared loss epilogue (logits path and fused linear path).
-
-    Args:
-        loss: "sft", "minor_sft", "dpo" or "minor_dpo".
-        logps: ``[B, T]`` fp32 per-token log-probs, 0 where masked, differentiable.
-        mask: ``[B, T]`` bool, ``labels != ignore_index``.
-        ref_token_logps: ``[B, T]`` reference log-probs (masked entries ignored), or
-        ref_seq_logps: ``[B]`` reference per-sequence sums (one of the two, not for sft).
-        reduction: "mean" (over sequences / pairs with at least one unmasked token;
-            for sft over tokens, or ``num_items_in_batch``), "sum" or "none"
-            (sft ``[B, T]``, minor_sft ``[B]``, DPO family ``[B/2]``).
-    Returns:
-        the loss, or ``(loss, metrics)`` with ``return_metrics=True`` (detached scalars).
+    ``fused_loss("minor_sft", logits, labels, ref_logits=r, beta=0.1)`` equals
+    :func:`minor_sft_loss` with the same arguments; ``**options`` are the loss's own
+    (``beta``, ``length_norm``, ``loss_type``, ``label_smoothing``: see
+    :data:`minorsft.losses.OPTIONS`). Shapes, reference and reductions as the named function.
     """
-    V.check_choice("loss", loss, LOSS_KINDS)
-    V.check_reduction(reduction)
-    if loss == "sft":
-        if reduction == "none":
-            return -logps
-        total = -logps.sum()
-        if reduction == "sum":
-            return total
-        denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        if isinstance(denom, Tensor):
-            denom = denom.to(device=total.device, dtype=total.dtype).clamp(min=1)
-        else:
-            denom = max(int(denom), 1)
-        return total / denom
-    beta = V.check_beta(beta)
-    S, S_ref, m, valid = _sequence_stats(logps, mask, ref_token_logps, ref_seq_logps)
-    r = S - S_ref
-    if loss == "minor_sft":
-        V.check_choice("length_norm", length_norm, losses.LENGTH_NORMS)
-        out = losses.reduce(losses.minor_sft(r, m, beta, length_norm), valid, reduction)
-        metrics = losses.minor_sft_metrics(S, S_ref, m, valid) if return_metrics else None
-    else:
-        V.check_pairs(logps.shape[0])
-        P = logps.shape[0] // 2
-        valid_pair = valid[:P] & valid[P:]
-        if loss == "dpo":
-            V.check_choice("loss_type", loss_type, losses.DPO_LOSS_TYPES)
-            eps = V.check_label_smoothing(label_smoothing, loss_type)
-            per = losses.dpo(r[:P], r[P:], m[:P], m[P:], beta, loss_type, eps)
-        else:
-            per = losses.minor_dpo(r[:P], r[P:], beta)
-        out = losses.reduce(per, valid_pair, reduction)
-        metrics = (losses.dpo_metrics(S[:P], S[P:], r[:P], r[P:], beta, valid_pair)
-                   if return_metrics else None)
-    return (out, metrics) if return_metrics else out
-
-
-def _reference_loss(loss, logits, labels, ref_logits, ref_logprobs, *, beta, ignore_index,
-                    reduction, temperature, return_metrics, backend, inplace_backward,
-                    check_labels, **opts) -> LossOut:
-    temperature = _check_common(logits, labels, ignore_index, temperature, check_labels)
-    _check_ref(logits, ref_logits, ref_logprobs)
-    V.check_beta(beta)
-    V.check_reduction(reduction)
-    if loss != "minor_sft":
-        V.check_pairs(logits.shape[0])
-    lp, ref_lp = _logprobs(logits, labels, ref_logits, ignore_index, temperature, backend,
-                           inplace_backward)
-    per_token_ref = ref_lp if ref_lp is not None else (ref_logprobs if ref_logprobs.dim() == 2 else None)
-    per_seq_ref = ref_logprobs if (ref_logprobs is not None and ref_logprobs.dim() == 1) else None
-    return loss_from_token_logprobs(
-        loss, lp, labels != ignore_index, ref_token_logps=per_token_ref, ref_seq_logps=per_seq_ref,
-        beta=beta, reduction=reduction, return_metrics=return_metrics, **opts)
+    inputs = LogitsInputs(logits, labels, ref_logits, ignore_index=ignore_index,
+                          temperature=temperature, backend=backend,
+                          inplace_backward=inplace_backward, check_labels=check_labels)
+    return run_loss(loss, inputs, ref_logprobs=ref_logprobs, reduction=reduction,
+                    num_items_in_batch=num_items_in_batch, return_metrics=return_metrics,
+                    **options)
 
 
 def sft_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
@@ -176,11 +111,10 @@ def sft_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduct
     Returns:
         scalar loss (or ``[B, T]`` for "none"), fp32.
     """
-    temperature = _check_common(logits, labels, ignore_index, temperature, check_labels)
-    V.check_reduction(reduction)
-    lp, _ = _logprobs(logits, labels, None, ignore_index, temperature, backend, inplace_backward)
-    return loss_from_token_logprobs("sft", lp, labels != ignore_index, reduction=reduction,
-                                    num_items_in_batch=num_items_in_batch)
+    inputs = LogitsInputs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                          backend=backend, inplace_backward=inplace_backward,
+                          check_labels=check_labels)
+    return run_loss("sft", inputs, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
 
 def minor_sft_loss(logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tensor] = None,
@@ -203,10 +137,11 @@ def minor_sft_loss(logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tenso
     Returns:
         loss, or ``(loss, {"deviation", "logps", "ref_logps"})`` with ``return_metrics``.
     """
-    return _reference_loss("minor_sft", logits, labels, ref_logits, ref_logprobs, beta=beta,
-                           length_norm=length_norm, ignore_index=ignore_index, reduction=reduction,
-                           temperature=temperature, return_metrics=return_metrics, backend=backend,
-                           inplace_backward=inplace_backward, check_labels=check_labels)
+    inputs = LogitsInputs(logits, labels, ref_logits, ignore_index=ignore_index,
+                          temperature=temperature, backend=backend,
+                          inplace_backward=inplace_backward, check_labels=check_labels)
+    return run_loss("minor_sft", inputs, ref_logprobs=ref_logprobs, reduction=reduction,
+                    return_metrics=return_metrics, beta=beta, length_norm=length_norm)
 
 
 def minor_dpo_loss(logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tensor] = None,
@@ -224,10 +159,11 @@ def minor_dpo_loss(logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tenso
     Returns:
         loss, or ``(loss, metrics)`` with TRL's names (``rewards/chosen``, ...).
     """
-    return _reference_loss("minor_dpo", logits, labels, ref_logits, ref_logprobs, beta=beta,
-                           ignore_index=ignore_index, reduction=reduction, temperature=temperature,
-                           return_metrics=return_metrics, backend=backend,
-                           inplace_backward=inplace_backward, check_labels=check_labels)
+    inputs = LogitsInputs(logits, labels, ref_logits, ignore_index=ignore_index,
+                          temperature=temperature, backend=backend,
+                          inplace_backward=inplace_backward, check_labels=check_labels)
+    return run_loss("minor_dpo", inputs, ref_logprobs=ref_logprobs, reduction=reduction,
+                    return_metrics=return_metrics, beta=beta)
 
 
 def dpo_loss(logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tensor] = None,
@@ -242,11 +178,12 @@ def dpo_loss(logits: Tensor, labels: Tensor, *, ref_logits: Optional[Tensor] = N
     Also SPIN: chosen = human response, rejected = self-generated, reference = the
     previous round's model.
     """
-    return _reference_loss("dpo", logits, labels, ref_logits, ref_logprobs, beta=beta,
-                           loss_type=loss_type, label_smoothing=label_smoothing,
-                           ignore_index=ignore_index, reduction=reduction, temperature=temperature,
-                           return_metrics=return_metrics, backend=backend,
-                           inplace_backward=inplace_backward, check_labels=check_labels)
+    inputs = LogitsInputs(logits, labels, ref_logits, ignore_index=ignore_index,
+                          temperature=temperature, backend=backend,
+                          inplace_backward=inplace_backward, check_labels=check_labels)
+    return run_loss("dpo", inputs, ref_logprobs=ref_logprobs, reduction=reduction,
+                    return_metrics=return_metrics, beta=beta, loss_type=loss_type,
+                    label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
@@ -256,12 +193,16 @@ def lobass_learnability(logits_original: Tensor, logits_finetuned: Tensor, label
     """LoBaSS learnability ``(L0_i - L1_i) / L0_i`` per sample, ``[B]`` fp32.
 
     ``L`` is the per-sample token-mean cross-entropy under the original (0) and the
-    fine-tuned (1) model; both ``[B, T, V]`` logits are streamed once, no gradient.
+    fine-tuned (1) model; both ``[B, T, V]`` logits (same shape: the same tokenizer) are
+    streamed once, no gradient.
     """
+    V.check_logits("logits_original", logits_original)
+    V.check_logits("logits_finetuned", logits_finetuned)
+    V.check_same("logits_finetuned", logits_finetuned, "logits_original", logits_original)
+    V.check_labels(labels, logits_original.shape[:2], logits_original.device, "logits_original")
     mask = labels != ignore_index
     n = mask.sum(-1).clamp(min=1)
-    l0 = -token_logprobs(logits_original, labels, ignore_index=ignore_index,
-                         temperature=temperature, backend=backend).sum(-1) / n
-    l1 = -token_logprobs(logits_finetuned, labels, ignore_index=ignore_index,
-                         temperature=temperature, backend=backend).sum(-1) / n
+    l0, l1 = (-token_logprobs(z, labels, ignore_index=ignore_index, temperature=temperature,
+                              backend=backend).sum(-1) / n
+              for z in (logits_original, logits_finetuned))
     return losses.learnability(l0, l1)

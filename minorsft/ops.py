@@ -1,17 +1,20 @@
-"""The token log-prob op: ``torch.library`` custom ops with an autograd formula.
+"""The autograd layer: ``torch.library`` custom ops of both paths and the backend choice.
 
-``minorsft::token_logprobs`` is the one op every logits-path loss goes through. It is
-registered with ``torch.library.custom_op`` plus a fake (meta) implementation and
-``register_autograd``, so ``torch.compile(fullgraph=True)`` traces it as a single
-opaque node and CUDA graphs capture it. The backward is a second op that recomputes
-the softmax from the saved logsumexp; its in-place twin (opt-in) writes the gradient
-into the logits buffer.
+``minorsft::token_logprobs`` (logits path) and ``minorsft::linear_token_logprobs`` (fused
+linear path) are the only ops every loss goes through. Each is registered with
+``torch.library.custom_op`` plus a fake (meta) implementation and ``register_autograd``,
+so ``torch.compile(fullgraph=True)`` traces it as one opaque node and CUDA graphs
+capture it. Each backward is a second op that recomputes the softmax from the saved
+logsumexp; the logits path's in-place twin (opt-in) writes the gradient into the logits
+buffer.
 
-Backend dispatch happens inside the op on the ``backend`` string ("triton" or
-"torch"), chosen by :func:`select_backend`.
+Backends: ``"triton"`` (``minorsft.kernels``) or ``"torch"`` (``minorsft.backends``), two
+implementations of the same functions with the same arguments; :func:`select_backend`
+picks one and :func:`implementation` returns its module for a path.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Optional, Tuple
@@ -19,10 +22,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from minorsft.backends import torch_logprobs
-
 log = logging.getLogger("minorsft")
 BACKENDS = ("auto", "triton", "torch")
+# path -> (Triton module, PyTorch module): same function names, same arguments.
+_MODULES = {"logprobs": ("minorsft.kernels.logprobs", "minorsft.backends.torch_logprobs"),
+            "linear": ("minorsft.kernels.linear", "minorsft.backends.torch_linear")}
 _warned = set()
 
 
@@ -66,19 +70,20 @@ def select_backend(backend: Optional[str], device: torch.device) -> str:
     return "torch"
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from minorsft.kernels import logprobs
-        return logprobs
-    return torch_logprobs
+def implementation(path: str, backend: str):
+    """The module implementing ``path`` ("logprobs" or "linear") for a resolved backend."""
+    triton_mod, torch_mod = _MODULES[path]
+    return importlib.import_module(triton_mod if backend == "triton" else torch_mod)
 
+
+# --------------------------------------------------------------------------- logits path
 
 @torch.library.custom_op("minorsft::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, labels: Tensor, ref_logits: Optional[Tensor],
                       ignore_index: int, temperature: float, backend: str,
                       inplace_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(lp [B,T], lse [B,T], ref_lp [B,T] or [0])``, fp32; see kernels/logprobs.py."""
-    return _impl(backend).logprobs_forward(
+    return implementation("logprobs", backend).logprobs_forward(
         logits, labels, ref_logits, ignore_index=ignore_index, temperature=temperature)
 
 
@@ -94,7 +99,7 @@ def _(logits, labels, ref_logits, ignore_index, temperature, backend, inplace_ba
 def token_logprobs_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, grad_lp: Tensor,
                                ignore_index: int, temperature: float, backend: str) -> Tensor:
     """``[B, T, V]`` gradient in ``logits``' dtype."""
-    return _impl(backend).logprobs_backward(
+    return implementation("logprobs", backend).logprobs_backward(
         logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature)
 
 
@@ -107,11 +112,11 @@ def _(logits, labels, lse, grad_lp, ignore_index, temperature, backend):
 def token_logprobs_backward_inplace_op(logits: Tensor, labels: Tensor, lse: Tensor, grad_lp: Tensor,
                                        ignore_index: int, temperature: float, backend: str) -> None:
     """Like ``token_logprobs_backward`` but overwrites ``logits`` with the gradient."""
-    _impl(backend).logprobs_backward(
+    implementation("logprobs", backend).logprobs_backward(
         logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature, out=logits)
 
 
-def _setup_context(ctx, inputs, output):
+def _logprobs_setup_context(ctx, inputs, output):
     logits, labels, _ref, ignore_index, temperature, backend, inplace = inputs
     _lp, lse, ref_lp = output
     ctx.save_for_backward(logits, labels, lse)
@@ -120,7 +125,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, ref_lp)
 
 
-def _backward(ctx, grad_lp, _grad_lse, _grad_ref):
+def _logprobs_backward(ctx, grad_lp, _grad_lse, _grad_ref):
     logits, labels, lse = ctx.saved_tensors
     grad = None
     if grad_lp is not None and ctx.needs_input_grad[0]:
@@ -133,4 +138,73 @@ def _backward(ctx, grad_lp, _grad_lse, _grad_ref):
     return grad, None, None, None, None, None, None
 
 
-token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+token_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
+
+
+# --------------------------------------------------------------------------- fused linear path
+
+def _budget(memory_budget: int) -> Optional[int]:
+    return memory_budget or None   # ops cannot take None for an int: 0 stands for the default
+
+
+@torch.library.custom_op("minorsft::linear_token_logprobs", mutates_args=())
+def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                             ignore_index: int, temperature: float, backend: str,
+                             memory_budget: int) -> Tuple[Tensor, Tensor]:
+    """``(lp [B, T], lse [B, T])`` fp32 from ``hidden [B,T,H]``, ``weight [V,H]``, ``bias [V]``."""
+    return implementation("linear", backend).linear_forward(
+        hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
+        memory_budget=_budget(memory_budget))
+
+
+@linear_token_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, backend, memory_budget):
+    B, T, _ = hidden.shape
+    return (hidden.new_empty((B, T), dtype=torch.float32),
+            hidden.new_empty((B, T), dtype=torch.float32))
+
+
+@torch.library.custom_op("minorsft::linear_token_logprobs_backward", mutates_args=())
+def linear_token_logprobs_backward_op(
+        hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+        grad_lp: Tensor, ignore_index: int, temperature: float, backend: str, memory_budget: int,
+        need_hidden: bool, need_weight: bool, need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(d_hidden, d_weight, d_bias)`` in the inputs' dtypes; an empty ``[0]`` tensor
+    stands for a gradient that was not requested (ops cannot return None)."""
+    grads = implementation("linear", backend).linear_backward(
+        hidden, weight, labels, lse, grad_lp, bias, ignore_index=ignore_index,
+        temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
+        need_bias=need_bias, memory_budget=_budget(memory_budget))
+    return tuple(g if g is not None else hidden.new_empty((0,)) for g in grads)
+
+
+@linear_token_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, grad_lp, ignore_index, temperature, backend,
+      memory_budget, need_hidden, need_weight, need_bias):
+    empty = hidden.new_empty((0,))
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else empty,
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else empty,
+            torch.empty_like(bias) if (need_bias and bias is not None) else empty)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, temperature, backend, memory_budget = inputs
+    _lp, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.opts = (ignore_index, temperature, backend, memory_budget)
+    ctx.mark_non_differentiable(lse)
+
+
+def _linear_backward(ctx, grad_lp, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = bool(need_b and bias is not None)
+    if grad_lp is None or not (need_h or need_w or need_b):
+        return (None,) * 8
+    dh, dw, db = torch.ops.minorsft.linear_token_logprobs_backward(
+        hidden, weight, bias, labels, lse, grad_lp, *ctx.opts, need_h, need_w, need_b)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
+            None, None, None, None, None)
+
+
+linear_token_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

@@ -8,6 +8,7 @@ it is skipped while ``torch.compile`` traces or a CUDA graph is being captured.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Iterable, Optional
 
@@ -17,25 +18,36 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def checked_choice(name: str, value, options: Iterable):
+    """``value`` if it is one of ``options``, else ``ValueError`` naming ``name``."""
+    options = tuple(options)
+    if isinstance(value, bool) or value not in options:
+        raise ValueError(f"{name}: got {value!r}, expected one of {options}")
+    return value
+
+
 def check_choice(name: str, value, options: Iterable) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``options``."""
-    options = tuple(options)
-    if value not in options:
-        raise ValueError(f"{name}: got {value!r}, expected one of {options}")
+    checked_choice(name, value, options)
 
 
 def check_reduction(reduction: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
 
 
-def check_positive(name: str, value) -> float:
-    """``value`` must be a finite real number > 0 (``beta``, ``temperature``)."""
+def check_real(name: str, value) -> float:
+    """``value`` must be a real Python number (an int or a float, not a bool, a string or
+    a tensor); returned as a float."""
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: must be a Python float, got a tensor")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: must be a real number, got {type(value).__name__}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` must be a finite real number > 0 (``beta``, ``temperature``)."""
+    value = check_real(name, value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: must be finite and > 0, got {value}")
     return value
@@ -43,17 +55,6 @@ def check_positive(name: str, value) -> float:
 
 def check_beta(beta) -> float:
     return check_positive("beta", beta)
-
-
-def check_label_smoothing(eps, loss_type: str) -> float:
-    eps = float(eps)
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing: must be in [0, 0.5), got {eps}")
-    if eps > 0 and loss_type not in ("sigmoid", "robust"):
-        raise ValueError(
-            f"label_smoothing: only the 'sigmoid' and 'robust' loss types use it, "
-            f"got label_smoothing={eps} with loss_type={loss_type!r}")
-    return eps
 
 
 def check_logits(name: str, logits) -> None:
@@ -83,6 +84,41 @@ def check_labels(labels, batch_shape, device, logits_name: str = "logits") -> No
         raise ValueError(f"labels: on {labels.device}, but {logits_name} is on {device}")
 
 
+def check_linear(prefix: str, hidden, weight, bias, batch_shape=None) -> None:
+    """``hidden [B,T,H]``, ``weight [V,H]`` of the same dtype/device, ``bias [V]`` or None."""
+    h, w, c = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    for name, x in ((h, hidden), (w, weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: dtype must be one of bfloat16/float16/float32, got {x.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"{h}: expected shape [B, T, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"{w}: expected shape [V, H] with V > 0, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"{w}: hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) does "
+                         f"not match {h} hidden size {hidden.shape[2]} (shape {tuple(hidden.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w}: dtype {weight.dtype} does not match {h} dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{w}: on {weight.device}, but {h} is on {hidden.device}")
+    if batch_shape is not None and tuple(hidden.shape[:2]) != tuple(batch_shape):
+        raise ValueError(f"{h}: batch shape {tuple(hidden.shape[:2])} does not match hidden "
+                         f"batch shape {tuple(batch_shape)}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{c}: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{c}: expected shape [V] = ({weight.shape[0]},) to match {w} "
+                         f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{c}: dtype {bias.dtype} does not match {w} dtype {weight.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"{c}: on {bias.device}, but {w} is on {weight.device}")
+
+
 def check_same(name: str, tensor, ref_name: str, ref) -> None:
     """``tensor`` must have the shape and device of ``ref`` (dtype may differ)."""
     if not isinstance(tensor, torch.Tensor):
@@ -92,14 +128,6 @@ def check_same(name: str, tensor, ref_name: str, ref) -> None:
                          f"{ref_name} shape {tuple(ref.shape)}")
     if tensor.device != ref.device:
         raise ValueError(f"{name}: on {tensor.device}, but {ref_name} is on {ref.device}")
-
-
-def check_reference(a_name: str, a, b_name: str, b) -> None:
-    """Exactly one of the two reference inputs must be given."""
-    if a is None and b is None:
-        raise ValueError(f"a reference is required: pass exactly one of {a_name} or {b_name}")
-    if a is not None and b is not None:
-        raise ValueError(f"pass exactly one of {a_name} or {b_name}, not both")
 
 
 def check_ref_logprobs(ref_logprobs, batch_shape, device) -> None:
@@ -127,6 +155,18 @@ def check_token_options(labels, vocab: int, ignore_index, temperature,
     temperature = check_positive("temperature", temperature)
     check_labels_range(labels, vocab, ignore_index, check_labels)
     return temperature
+
+
+def check_memory_budget(memory_budget) -> int:
+    """``memory_budget``: None (the backend's default, returned as 0) or a positive int of bytes."""
+    if memory_budget is None:
+        return 0
+    if not isinstance(memory_budget, int) or isinstance(memory_budget, bool):
+        raise TypeError(f"memory_budget: must be an int (bytes) or None, got "
+                        f"{type(memory_budget).__name__}")
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget: must be a positive number of bytes, got {memory_budget}")
+    return memory_budget
 
 
 def check_pairs(batch_size: int) -> None:

@@ -20,8 +20,8 @@ and ``p = exp(z - lse)`` recomputed per chunk from the saved ``lse``::
 Low-precision weights are upcast to fp32 once per call (an ``O(V H)`` copy, not
 ``O(N V)``), so every logit is the fp32 dot of the rounded inputs, exactly what the
 Triton kernels compute with fp32 accumulation. The functions mirror
-:mod:`minorsft.kernels.linear` argument for argument; the autograd formula is the
-custom ops' in :mod:`minorsft.linear`.
+:mod:`minorsft.kernels.linear` function for function and argument for argument; the
+autograd formula is the custom ops' in :mod:`minorsft.ops`.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor
     return z
 
 
-def linear_logprobs_forward(
+def linear_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -147,7 +147,7 @@ def linear_logprobs_forward(
     return lp.view(B, T), lse.view(B, T)
 
 
-def linear_logprobs_backward(
+def linear_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,

@@ -4,7 +4,8 @@ Used on CPU tensors (and as a comparison). It walks the rows in chunks sized fro
 byte budget (``MINORSFT_TORCH_CHUNK_BYTES``, default 64 MiB of fp32 temporaries), so
 it never holds an fp32 ``[N, V]`` copy either. Each chunk is a view
 ``logits[b, t0:t1]``: strided inputs such as ``logits[:, :-1]`` are never copied whole.
-The functions mirror :mod:`minorsft.kernels.logprobs` argument for argument.
+The functions mirror :mod:`minorsft.kernels.logprobs` function for function and
+argument for argument.
 """
 from __future__ import annotations
 

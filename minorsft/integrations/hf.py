@@ -28,14 +28,13 @@ import torch
 import transformers
 
 import minorsft as ms
-from minorsft.losses import DPO_LOSS_TYPES, LENGTH_NORMS
-from minorsft.validation import check_beta, check_choice, check_label_smoothing, check_positive
+from minorsft.validation import check_choice, check_positive
 
 __all__ = ["causal_lm_loss", "FusedLossTrainer", "FusedDPOTrainer", "REF_LOGPS_KEY", "LOSSES"]
 
-LOSSES = ("sft", "minor_sft", "dpo", "minor_dpo")
+LOSSES = ms.losses.LOSS_NAMES
 REF_LOGPS_KEY = "ref_logps"  # optional batch column: precomputed per-sequence reference sums, [B]
-_TRL_DPO_LOSSES = ("dpo", "minor_dpo")
+_TRL_DPO_LOSSES = tuple(name for name, spec in ms.LOSSES.items() if spec.pairs)
 
 
 def causal_lm_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor, *,
@@ -64,19 +63,13 @@ def causal_lm_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor, *,
         a dict of detached scalar tensors (empty for ``sft``).
     """
     check_choice("loss", loss, LOSSES)
-    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
-    if loss == "sft":
-        value = ms.sft_loss(shifted_logits, shifted_labels, num_items_in_batch=num_items_in_batch, **options)
-        return value, {}
-    if num_items_in_batch is not None:
-        raise ValueError(f"num_items_in_batch: only the 'sft' loss takes a token count, got loss={loss!r}")
     if ref_logits is not None:
         ref_logits = ref_logits[:, :-1].to(logits.device)
     if ref_logprobs is not None:
         ref_logprobs = ref_logprobs.to(logits.device)
-    fn = {"minor_sft": ms.minor_sft_loss, "dpo": ms.dpo_loss, "minor_dpo": ms.minor_dpo_loss}[loss]
-    return fn(shifted_logits, shifted_labels, ref_logits=ref_logits, ref_logprobs=ref_logprobs,
-              return_metrics=True, **options)
+    return ms.fused_loss(loss, logits[:, :-1], labels[:, 1:], ref_logits=ref_logits,
+                         ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
+                         return_metrics=True, **options)
 
 
 def _host_means(pending: Dict[str, list], gather) -> Dict[str, float]:
@@ -123,37 +116,30 @@ class FusedLossTrainer(transformers.Trainer):
                  label_smoothing: float = 0.0, temperature: float = 1.0, backend: Optional[str] = None,
                  **kwargs):
         # Refuse bad options before the Trainer is built, not at the first step.
-        check_choice("loss", loss, LOSSES)
-        temperature = check_positive("temperature", temperature)
+        given = dict(beta=beta, length_norm=length_norm, loss_type=loss_type,
+                     label_smoothing=label_smoothing)
+        spec = ms.losses.get_loss(loss)
         # check_labels=False: the label-range check is a host sync per step; an
         # out-of-range label still shows as a NaN loss (the kernels never read out of bounds).
-        options: Dict[str, Any] = {"temperature": temperature, "backend": backend,
-                                   "check_labels": False}
-        if loss != "sft":
-            options["beta"] = check_beta(beta)
-        if loss == "minor_sft":
-            check_choice("length_norm", length_norm, LENGTH_NORMS)
-            options["length_norm"] = length_norm
-        if loss == "dpo":
-            check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-            label_smoothing = check_label_smoothing(label_smoothing, loss_type)
-            options.update(loss_type=loss_type, label_smoothing=label_smoothing)
+        options: Dict[str, Any] = {"temperature": check_positive("temperature", temperature),
+                                   "backend": backend, "check_labels": False}
+        options.update(ms.losses.check_options(loss, {k: given[k] for k in spec.options}))
         if ref_model is not None and not isinstance(ref_model, torch.nn.Module):
             raise TypeError(f"ref_model: expected a torch.nn.Module, got {type(ref_model).__name__}")
         super().__init__(*args, **kwargs)
-        if loss in ("dpo", "minor_dpo"):
+        if spec.pairs:
             self._refuse_row_splitting()
         self.fused_loss = loss
         self.fused_options = options
         self.ref_model = None
-        if ref_model is not None and loss != "sft":
+        if ref_model is not None and spec.reference:
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         # Only sft divides by a token count (the Trainer passes num_items_in_batch to
         # compute_loss only when this is True, whatever the model accepts: the loss is
         # ours); the others must not get one, and the Trainer then divides their
         # per-micro-batch mean by the accumulation steps.
-        self.model_accepts_loss_kwargs = loss == "sft"
+        self.model_accepts_loss_kwargs = spec.token_level
         self._fused_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _refuse_row_splitting(self) -> None:
@@ -191,14 +177,14 @@ class FusedLossTrainer(transformers.Trainer):
         # No labels go to the model: it returns logits and skips its own cross-entropy.
         outputs = model(**inputs)
         ref_logits = None
-        if self.fused_loss != "sft" and ref_logprobs is None:
+        if ms.LOSSES[self.fused_loss].reference and ref_logprobs is None:
             if self.ref_model is None:
                 raise ValueError(
                     f"ref_model: loss={self.fused_loss!r} needs a reference; pass ref_model= to "
                     f"{type(self).__name__} or put per-sequence sums in the batch under {REF_LOGPS_KEY!r}")
             with torch.no_grad():
                 ref_logits = self.ref_model(**inputs, use_cache=False).logits
-        count = num_items_in_batch if self.fused_loss == "sft" else None
+        count = num_items_in_batch if ms.LOSSES[self.fused_loss].token_level else None
         loss, metrics = causal_lm_loss(self.fused_loss, outputs.logits, labels, ref_logits=ref_logits,
                                        ref_logprobs=ref_logprobs, num_items_in_batch=count,
                                        **self.fused_options)
@@ -254,127 +240,128 @@ def _check_trl_hook(base) -> None:
         raise _trl_mismatch(f"has DPOTrainer.{_TRL_HOOK}{inspect.signature(hook)}")
 
 
+class _FusedDPOMixin:
+    """TRL ``DPOTrainer`` whose loss is minorsft's fused ``minor_dpo`` (default) or ``dpo``.
+
+    Use it like ``trl.DPOTrainer``, with two extra keyword arguments::
+
+        trainer = FusedDPOTrainer(model=model, ref_model=ref, args=DPOConfig(beta=0.1, ...),
+                                  train_dataset=prefs, processing_class=tokenizer,
+                                  loss="minor_dpo")
+
+    Args:
+        loss: ``"minor_dpo"`` (MinorDPO; leave ``DPOConfig.loss_type`` at
+            ``["sigmoid"]``) or ``"dpo"`` (``DPOConfig.loss_type`` one of
+            ``sigmoid`` / ``ipo`` / ``hinge`` / ``robust``; ``label_smoothing`` is
+            used by ``robust`` only, as in TRL).
+        backend: minorsft backend (``None`` = Triton on CUDA, PyTorch on CPU).
+        All other arguments go to ``trl.DPOTrainer``.
+
+    TRL's data pipeline, collator, reference model (``ref_model``, a PEFT adapter
+    switched off, or ``precompute_ref_log_probs``), ``beta`` and loss weight are
+    used as they are. The policy and reference logits go through one fused pass;
+    with ``precompute_ref_log_probs`` TRL's cached per-sequence sums are the
+    reference. Logged metrics keep TRL's names (``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+    ``logps/chosen``, ``logps/rejected``, ``num_tokens``). Not supported (refused
+    at construction): several loss types at once, ``ld_alpha``, a non-default
+    ``f_divergence_type``, ``use_weighting``.
+    """
+
+    def __init__(self, *args, loss: str = "minor_dpo", backend: Optional[str] = None, **kwargs):
+        check_choice("loss", loss, _TRL_DPO_LOSSES)
+        super().__init__(*args, **kwargs)
+        missing = [name for name in _TRL_ATTRIBUTES if not hasattr(self, name)]
+        if missing:
+            raise _trl_mismatch(f"DPOTrainer sets no {missing}")
+        self.fused_loss = loss
+        self.fused_options = self._fused_options_from_config(loss, backend)
+        self._pending_tokens = []
+
+    def _fused_options_from_config(self, loss: str, backend) -> Dict[str, Any]:
+        loss_types = list(self.loss_types)
+        if len(loss_types) != 1:
+            raise ValueError(f"loss_type: FusedDPOTrainer takes one loss type, got {loss_types}")
+        for name, value, default in (("ld_alpha", self.ld_alpha, None),
+                                     ("f_divergence_type", self.f_divergence_type, "reverse_kl"),
+                                     ("use_weighting", self.use_weighting, False)):
+            if value != default:
+                raise ValueError(f"{name}: FusedDPOTrainer supports only {default!r}, got {value!r}")
+        options: Dict[str, Any] = {"beta": self.beta, "backend": backend, "check_labels": False}
+        if loss == "minor_dpo":
+            if loss_types != ["sigmoid"]:
+                raise ValueError(f"loss_type: loss='minor_dpo' replaces TRL's loss; leave "
+                                 f"DPOConfig.loss_type at ['sigmoid'], got {loss_types}")
+        else:
+            # TRL applies label smoothing to the robust loss only; keep its meaning.
+            smoothing = self.label_smoothing if loss_types[0] == "robust" else 0.0
+            options.update(ms.losses.check_options(
+                "dpo", {"beta": self.beta, "loss_type": loss_types[0], "label_smoothing": smoothing}))
+        return options
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        """TRL's loss hook: fused policy + reference pass on TRL's ``[chosen; rejected]`` batch."""
+        missing = [key for key in _TRL_BATCH_KEYS if key not in inputs]
+        if missing:
+            raise _trl_mismatch(f"gave a batch without {missing} (keys: {sorted(inputs)})")
+        mode = "train" if self.model.training else "eval"
+        extra = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+        model_kwargs = {k: v for k, v in inputs.items() if k not in extra}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        seq_len = labels.shape[1]
+        # Without fused_lm_head=True TRL's patched forward is the model's own: it returns logits.
+        outputs = model(**model_kwargs)
+        logits = outputs.logits[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+
+        ref_logits = ref_logprobs = None
+        if self.precompute_ref_logps:
+            ref_logprobs = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        elif self.ref_model is not None:
+            ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+            with torch.no_grad():
+                ref_logits = self.ref_model(**ref_kwargs).logits[:, -seq_len:]
+        else:  # PEFT without a ref_model: TRL switches the adapter off for the reference
+            ref_logprobs = torch.cat(self.compute_ref_log_probs(model, inputs))
+
+        loss, metrics = causal_lm_loss(self.fused_loss, logits, labels, ref_logits=ref_logits,
+                                       ref_logprobs=ref_logprobs, **self.fused_options)
+        loss = loss * self.loss_weights[0]
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if mode == "train":
+            self._pending_tokens.append(inputs["attention_mask"].sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        """Turn the step tensors into floats (one sync per logging interval), then TRL's log."""
+        mode = "train" if self.model.training else "eval"
+        pending = {k: v for k, v in self._metrics[mode].items() if v and torch.is_tensor(v[0])}
+        for key, value in _host_means(pending, self.accelerator.gather).items():
+            self._metrics[mode][key] = [value]
+        if self._pending_tokens:
+            tokens = self.accelerator.gather(torch.stack(self._pending_tokens).sum().reshape(1)).sum()
+            self._total_train_tokens += int(tokens) // getattr(self, "_tp_size", 1)
+            self._pending_tokens = []
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
+
+
 def _build_fused_dpo_trainer():
+    """``FusedDPOTrainer``: :class:`_FusedDPOMixin` on top of the installed TRL's ``DPOTrainer``."""
     try:
         from trl import DPOTrainer
     except ImportError as exc:
         raise ImportError("FusedDPOTrainer needs the optional dependency trl "
                           "(pip install 'minorsft[hf]')") from exc
     _check_trl_hook(DPOTrainer)
-
-    class FusedDPOTrainer(DPOTrainer):
-        """TRL ``DPOTrainer`` whose loss is minorsft's fused ``minor_dpo`` (default) or ``dpo``.
-
-        Use it like ``trl.DPOTrainer``, with two extra keyword arguments::
-
-            trainer = FusedDPOTrainer(model=model, ref_model=ref, args=DPOConfig(beta=0.1, ...),
-                                      train_dataset=prefs, processing_class=tokenizer,
-                                      loss="minor_dpo")
-
-        Args:
-            loss: ``"minor_dpo"`` (MinorDPO; leave ``DPOConfig.loss_type`` at
-                ``["sigmoid"]``) or ``"dpo"`` (``DPOConfig.loss_type`` one of
-                ``sigmoid`` / ``ipo`` / ``hinge`` / ``robust``; ``label_smoothing`` is
-                used by ``robust`` only, as in TRL).
-            backend: minorsft backend (``None`` = Triton on CUDA, PyTorch on CPU).
-            All other arguments go to ``trl.DPOTrainer``.
-
-        TRL's data pipeline, collator, reference model (``ref_model``, a PEFT adapter
-        switched off, or ``precompute_ref_log_probs``), ``beta`` and loss weight are
-        used as they are. The policy and reference logits go through one fused pass;
-        with ``precompute_ref_log_probs`` TRL's cached per-sequence sums are the
-        reference. Logged metrics keep TRL's names (``rewards/chosen``,
-        ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
-        ``logps/chosen``, ``logps/rejected``, ``num_tokens``). Not supported (refused
-        at construction): several loss types at once, ``ld_alpha``, a non-default
-        ``f_divergence_type``, ``use_weighting``.
-        """
-
-        def __init__(self, *args, loss: str = "minor_dpo", backend: Optional[str] = None, **kwargs):
-            check_choice("loss", loss, _TRL_DPO_LOSSES)
-            super().__init__(*args, **kwargs)
-            missing = [name for name in _TRL_ATTRIBUTES if not hasattr(self, name)]
-            if missing:
-                raise _trl_mismatch(f"DPOTrainer sets no {missing}")
-            self.fused_loss = loss
-            self.fused_options = self._fused_options_from_config(loss, backend)
-            self._pending_tokens = []
-
-        def _fused_options_from_config(self, loss: str, backend) -> Dict[str, Any]:
-            loss_types = list(self.loss_types)
-            if len(loss_types) != 1:
-                raise ValueError(f"loss_type: FusedDPOTrainer takes one loss type, got {loss_types}")
-            for name, value, default in (("ld_alpha", self.ld_alpha, None),
-                                         ("f_divergence_type", self.f_divergence_type, "reverse_kl"),
-                                         ("use_weighting", self.use_weighting, False)):
-                if value != default:
-                    raise ValueError(f"{name}: FusedDPOTrainer supports only {default!r}, got {value!r}")
-            options: Dict[str, Any] = {"beta": self.beta, "backend": backend, "check_labels": False}
-            if loss == "minor_dpo":
-                if loss_types != ["sigmoid"]:
-                    raise ValueError(f"loss_type: loss='minor_dpo' replaces TRL's loss; leave "
-                                     f"DPOConfig.loss_type at ['sigmoid'], got {loss_types}")
-            else:
-                check_choice("loss_type", loss_types[0], DPO_LOSS_TYPES)
-                # TRL applies label smoothing to the robust loss only; keep its meaning.
-                smoothing = self.label_smoothing if loss_types[0] == "robust" else 0.0
-                options.update(loss_type=loss_types[0], label_smoothing=smoothing)
-            return options
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            """TRL's loss hook: fused policy + reference pass on TRL's ``[chosen; rejected]`` batch."""
-            missing = [key for key in _TRL_BATCH_KEYS if key not in inputs]
-            if missing:
-                raise _trl_mismatch(f"gave a batch without {missing} (keys: {sorted(inputs)})")
-            mode = "train" if self.model.training else "eval"
-            extra = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
-            model_kwargs = {k: v for k, v in inputs.items() if k not in extra}
-            model_kwargs["use_cache"] = False
-            if self.aux_loss_enabled:
-                model_kwargs["output_router_logits"] = True
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            seq_len = labels.shape[1]
-            # Without fused_lm_head=True TRL's patched forward is the model's own: it returns logits.
-            outputs = model(**model_kwargs)
-            logits = outputs.logits[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
-
-            ref_logits = ref_logprobs = None
-            if self.precompute_ref_logps:
-                ref_logprobs = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
-            elif self.ref_model is not None:
-                ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-                with torch.no_grad():
-                    ref_logits = self.ref_model(**ref_kwargs).logits[:, -seq_len:]
-            else:  # PEFT without a ref_model: TRL switches the adapter off for the reference
-                ref_logprobs = torch.cat(self.compute_ref_log_probs(model, inputs))
-
-            loss, metrics = causal_lm_loss(self.fused_loss, logits, labels, ref_logits=ref_logits,
-                                           ref_logprobs=ref_logprobs, **self.fused_options)
-            loss = loss * self.loss_weights[0]
-            if self.aux_loss_enabled:
-                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            for key, value in metrics.items():
-                self._metrics[mode][key].append(value)
-            if mode == "train":
-                self._pending_tokens.append(inputs["attention_mask"].sum())
-            return (loss, outputs) if return_outputs else loss
-
-        def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-            """Turn the step tensors into floats (one sync per logging interval), then TRL's log."""
-            mode = "train" if self.model.training else "eval"
-            pending = {k: v for k, v in self._metrics[mode].items() if v and torch.is_tensor(v[0])}
-            for key, value in _host_means(pending, self.accelerator.gather).items():
-                self._metrics[mode][key] = [value]
-            if self._pending_tokens:
-                tokens = self.accelerator.gather(torch.stack(self._pending_tokens).sum().reshape(1)).sum()
-                self._total_train_tokens += int(tokens) // getattr(self, "_tp_size", 1)
-                self._pending_tokens = []
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-            super().log(logs, start_time)
-
-    FusedDPOTrainer.__module__ = __name__
-    FusedDPOTrainer.__qualname__ = "FusedDPOTrainer"
-    return FusedDPOTrainer
+    cls = type("FusedDPOTrainer", (_FusedDPOMixin, DPOTrainer), {"__doc__": _FusedDPOMixin.__doc__})
+    cls.__module__ = __name__
+    return cls
 
 
 _LAZY: Dict[str, Any] = {}

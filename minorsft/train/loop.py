@@ -327,7 +327,7 @@ def compute_loss(cfg, model, batch, *, ref_model=None, ref_logps=None, denom=Non
     ``unwrapped``: the model under a DDP wrapper (for the fused linear path).
     Metrics are detached tensors (no host sync).
     """
-    from minorsft.functional import loss_from_token_logprobs
+    from minorsft.losses import loss_from_token_logprobs
 
     labels = batch["labels"][:, 1:]
     fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

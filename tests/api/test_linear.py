@@ -11,6 +11,7 @@ tiles, hidden slices, several backward launches) iterates more than once.
 import pytest
 import torch
 
+import minorsft as ms
 from minorsft import linear as L
 from tests import ground_truth as eager
 from tests.util import assert_error_bar
@@ -238,11 +239,11 @@ def test_modules_match_functions(device):
     hidden, weight, bias, labels = make_inputs(torch.float32, device)
     ref_lp = -torch.rand(B, T, device=device)
     pairs = [
-        (L.LinearSFTLoss(), L.linear_sft_loss, {}),
-        (L.LinearMinorSFTLoss(beta=0.2, return_metrics=True), L.linear_minor_sft_loss,
+        (ms.LinearSFTLoss(), L.linear_sft_loss, {}),
+        (ms.LinearMinorSFTLoss(beta=0.2, return_metrics=True), L.linear_minor_sft_loss,
          {"beta": 0.2, "return_metrics": True, "ref_logprobs": ref_lp}),
-        (L.LinearMinorDPOLoss(), L.linear_minor_dpo_loss, {"ref_logprobs": ref_lp}),
-        (L.LinearDPOLoss(loss_type="ipo"), L.linear_dpo_loss,
+        (ms.LinearMinorDPOLoss(), L.linear_minor_dpo_loss, {"ref_logprobs": ref_lp}),
+        (ms.LinearDPOLoss(loss_type="ipo"), L.linear_dpo_loss,
          {"loss_type": "ipo", "ref_logprobs": ref_lp}),
     ]
     for mod, fn, kw in pairs:

@@ -52,7 +52,7 @@ def _measure(variant: str) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from minorsft.functional import loss_from_token_logprobs
+    from minorsft.losses import loss_from_token_logprobs
     from minorsft.linear import linear_minor_sft_loss
 
     def inputs(B, T, V):
