@@ -9,13 +9,12 @@ rewritten to name it: after a crash or a power loss ``latest`` names a complete
 checkpoint, and the debris of an interrupted save is cleaned up by
 :func:`repair_checkpoint_debris`.
 
-Nothing here imports :mod:`minorsft.train`: ``cfg`` is any object with the
-:class:`~minorsft.train.TrainConfig` fields, ``dist`` any object with ``main``,
-``world`` and ``barrier()`` (a :class:`~minorsft.distributed.Dist`).
+The functions take the values they need (the output folder, the configuration as a
+dict); ``dist`` is any object with ``main``, ``world`` and ``barrier()`` (a
+:class:`~minorsft.train.distributed.Dist`).
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -25,13 +24,7 @@ from typing import Optional
 
 import torch
 
-# Fields that must match when resuming (they change the trajectory).
-RESUME_FIELDS = ("loss", "loss_type", "beta", "length_norm", "label_smoothing", "model", "data",
-                 "max_length", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
-                 "schedule", "max_steps", "epochs", "clip_grad", "seed", "precompute_ref",
-                 "track_deviation", "skip_bad_rows", "tiny_seed", "temperature", "ref_dtype",
-                 "bf16", "fused_linear", "backend")
-
+from minorsft.train.config import ConfigError
 
 # ---------------------------------------------------------------- durable writes
 
@@ -98,21 +91,21 @@ def set_rng_state(rng: dict) -> None:
 
 # ---------------------------------------------------------------- resume
 
-def resolve_resume(cfg) -> Optional[str]:
-    """The checkpoint directory ``cfg.resume`` names (``"latest"``: the one
-    ``out_dir/latest`` names), or None without ``--resume``; ``ValueError`` when it is
-    not a complete checkpoint."""
-    if cfg.resume is None:
+def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
+    """The checkpoint directory ``resume`` names (``"latest"``: the one ``out_dir/latest``
+    names), or None when ``resume`` is None; :class:`ConfigError` (field ``resume``) when
+    it is not a complete checkpoint."""
+    if resume is None:
         return None
-    path = cfg.resume
+    path = resume
     if path == "latest":
-        pointer = os.path.join(cfg.out_dir, "latest")
+        pointer = os.path.join(out_dir, "latest")
         if not os.path.exists(pointer):
-            raise ValueError(f"--resume latest: no {pointer} (no complete checkpoint in --out-dir)")
+            raise ConfigError("resume", f"latest: no {pointer} (no complete checkpoint in out_dir)")
         with open(pointer, encoding="utf-8") as f:
-            path = os.path.join(cfg.out_dir, f.read().strip())
+            path = os.path.join(out_dir, f.read().strip())
     if not os.path.exists(os.path.join(path, "trainer_state.json")):
-        raise ValueError(f"--resume: {path} is not a complete checkpoint (no trainer_state.json)")
+        raise ConfigError("resume", f"{path} is not a complete checkpoint (no trainer_state.json)")
     return path
 
 
@@ -122,16 +115,16 @@ def read_trainer_state(path: str) -> dict:
         return json.load(f)
 
 
-def check_resume_config(cfg, state: dict, world: int) -> None:
-    """``ValueError`` listing every :data:`RESUME_FIELDS` field (and the world size)
-    where ``cfg`` differs from the checkpoint's ``state``."""
+def check_resume_config(state: dict, config: dict, world: int) -> None:
+    """:class:`ConfigError` listing every field of ``config`` (the fields that must match,
+    with their values now) and the world size where the checkpoint's ``state`` differs."""
     saved = state["config"]
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {getattr(cfg, k)!r}"
-             for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in config.items()
+             if saved.get(k) != v]
     if state.get("world_size", 1) != world:
         diffs.append(f"world_size: checkpoint {state.get('world_size')} != now {world}")
     if diffs:
-        raise ValueError("--resume: incompatible configuration: " + "; ".join(diffs))
+        raise ConfigError("resume", "incompatible configuration: " + "; ".join(diffs))
 
 
 def check_resume_data(state: dict, data_fingerprint: str) -> None:
@@ -139,16 +132,17 @@ def check_resume_data(state: dict, data_fingerprint: str) -> None:
     (same ``--data`` path, regenerated or edited file, other tokenizer or max length)."""
     saved = state.get("data_fingerprint")
     if saved and saved != data_fingerprint:
-        raise ValueError(f"--resume: the tokenised training data changed since the checkpoint "
+        raise ConfigError("resume", f"the tokenised training data changed since the checkpoint "
                          f"(fingerprint {saved[:12]} != now {data_fingerprint[:12]})")
 
 
 # ---------------------------------------------------------------- save / load
 
-def save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler, step, position,
-                    data_fingerprint: str = "") -> str:
+def save_checkpoint(out_dir: str, dist, unwrapped, tokenizer, optimizer, scheduler, *, step: int,
+                    position: int, config: dict, data_fingerprint: str = "") -> str:
     """Write ``out_dir/checkpoint-{step}`` (full state dicts gathered on every rank,
     written by rank 0) and point ``out_dir/latest`` at it; returns its path.
+    ``position``: examples consumed; ``config``: the run's configuration (a dict).
 
     The files go into a temporary directory, are fsynced with it, and the directory is
     renamed into place (an older checkpoint of the same step is swapped out) and the
@@ -159,9 +153,9 @@ def save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler
     msd = get_model_state_dict(unwrapped, options=opts)
     osd = get_optimizer_state_dict(unwrapped, optimizer, options=opts)
     name = f"checkpoint-{step}"
-    final = os.path.join(cfg.out_dir, name)
+    final = os.path.join(out_dir, name)
     if dist.main:
-        tmp = os.path.join(cfg.out_dir, f".tmp-{name}-{os.getpid()}")
+        tmp = os.path.join(out_dir, f".tmp-{name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         unwrapped.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
@@ -171,18 +165,18 @@ def save_checkpoint(cfg, dist, model, unwrapped, tokenizer, optimizer, scheduler
         torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
         atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(
             {"step": step, "position": position, "world_size": dist.world,
-             "data_fingerprint": data_fingerprint, "config": dataclasses.asdict(cfg)}, indent=1))
+             "data_fingerprint": data_fingerprint, "config": config}, indent=1))
         fsync_tree(tmp)  # every byte on disk before any name points at it
         if os.path.exists(final):  # an older checkpoint of the same step: swap it out
-            old = os.path.join(cfg.out_dir, f".old-{name}-{os.getpid()}")
+            old = os.path.join(out_dir, f".old-{name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
-            fsync_dir(cfg.out_dir)
+            fsync_dir(out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-            fsync_dir(cfg.out_dir)
-        atomic_write(os.path.join(cfg.out_dir, "latest"), name)
+            fsync_dir(out_dir)
+        atomic_write(os.path.join(out_dir, "latest"), name)
     dist.barrier()
     return final
 

@@ -433,3 +433,29 @@ def pad_token_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
+
+
+# ------------------------------------------------------------------ order
+
+class Sampler:
+    """Deterministic data order: position ``p`` of an endless stream is example
+    ``perm_e[p % N]`` with ``e = p // N`` and ``perm_e`` a permutation seeded by ``(seed, e)``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def indices(self, start: int, count: int) -> list:
+        """The dataset indices at stream positions ``[start, start + count)``."""
+        out = []
+        for p in range(start, start + count):
+            e = p // self.n
+            if e not in self._perms:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                self._perms = {e: torch.randperm(self.n, generator=g).tolist()}
+            out.append(self._perms[e][p % self.n])
+        return out
+
+
+def max_token_id(ds: TokenizedDataset) -> int:
+    """The largest token id of a dataset (chosen and rejected sequences)."""
+    return max(max(e.input_ids + (e.rejected_input_ids or [])) for e in ds.examples)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -31,16 +32,17 @@ class Dist:
             torch.distributed.barrier()
 
 
-def init_distributed(cfg) -> Dist:
+def init_distributed(device: Optional[str] = None) -> Dist:
     """A :class:`Dist` from the ``torchrun`` environment, initialising the process group
-    (NCCL on CUDA, one GPU per rank; else gloo) unless one already exists."""
+    (NCCL on CUDA, one GPU per rank; else gloo, also when ``device`` asks for the CPU)
+    unless one already exists."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     import torch.distributed as dist
     owns = False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and requested_device(cfg) in (None, "cuda") else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and requested_device(device) in (None, "cuda") else "gloo"
         if backend == "nccl":
             # One GPU per rank: make it current before any CUDA work (else every rank
             # creates a context and allocates on cuda:0).
@@ -51,16 +53,16 @@ def init_distributed(cfg) -> Dist:
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
 
 
-def requested_device(cfg):
-    """``cfg.device``, else the ``MINORSFT_DEVICE`` environment variable, else None (auto)."""
-    return cfg.device if cfg.device is not None else os.environ.get("MINORSFT_DEVICE") or None
+def requested_device(device: Optional[str]) -> Optional[str]:
+    """``device``, else the ``MINORSFT_DEVICE`` environment variable, else None (auto)."""
+    return device if device is not None else os.environ.get("MINORSFT_DEVICE") or None
 
 
-def select_device(cfg, dist: Dist) -> torch.device:
-    """The requested device (``--device`` or ``MINORSFT_DEVICE``; a bare ``cuda`` becomes
+def select_device(device: Optional[str], dist: Dist) -> torch.device:
+    """The requested device (``device`` or ``MINORSFT_DEVICE``; a bare ``cuda`` becomes
     this rank's GPU), else this rank's GPU, else CPU."""
-    if requested_device(cfg) is not None:
-        d = torch.device(requested_device(cfg))
+    if requested_device(device) is not None:
+        d = torch.device(requested_device(device))
         if d.type == "cuda" and d.index is None:
             d = torch.device("cuda", dist.local_rank)
         return d

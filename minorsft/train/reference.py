@@ -1,4 +1,4 @@
-"""The reference model, two ways.
+"""The reference model of a training run, two ways.
 
 (a) :func:`frozen_copy`: a frozen copy of the initial policy (eval mode, no grad,
     optionally another dtype / device) whose logits feed the fused loss each step.
@@ -15,8 +15,12 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+import minorsft as ms
 
 CACHE_VERSION = "1"
 
@@ -70,8 +74,6 @@ def sequence_logprobs(model, batch: dict, *, temperature: float = 1.0, backend=N
     ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (HF convention,
     unshifted) already on the model's device.
     """
-    import minorsft as ms
-
     device = batch["input_ids"].device
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else torch.autocast(device.type, enabled=False))
@@ -138,3 +140,46 @@ def lookup(table: torch.Tensor, index: torch.Tensor, kind: str) -> torch.Tensor:
     ``[2B]`` (chosen then rejected) for pairs."""
     rows = table[index]
     return torch.cat([rows[:, 0], rows[:, 1]]) if kind == "pairs" else rows
+
+
+@dataclass
+class ReferenceSetup:
+    """The reference of a run: a frozen ``model`` (live, each step) or precomputed
+    per-sequence ``train_table`` / ``eval_table`` on the device (then no reference model
+    stays in memory); all None for a loss without a reference."""
+
+    model: Optional[torch.nn.Module] = None
+    train_table: Optional[torch.Tensor] = None
+    eval_table: Optional[torch.Tensor] = None
+
+
+def setup_reference(policy, datasets, *, precompute: bool, dtype, device, policy_device,
+                    collate_fn, batch_size: int, max_length: int, cache_dir: str,
+                    temperature: float, backend, autocast_dtype, main: bool, barrier, log):
+    """The :class:`ReferenceSetup` of a run whose reference is the initial ``policy``.
+
+    Without ``precompute``: a frozen copy (``dtype`` / ``device`` when given). With it:
+    the ``[N]`` / ``[N, 2]`` tables of ``datasets`` (train, eval or None), rank 0 filling
+    the cache first (``main``) and every rank reading it after ``barrier()``.
+    ``collate_fn(examples, kind)`` builds a batch.
+    """
+    if not precompute:
+        return ReferenceSetup(model=frozen_copy(policy, dtype=dtype, device=device))
+    ref = (frozen_copy(policy, dtype=dtype, device=device)
+           if dtype is not None or device != policy_device else policy)
+    model_hash = model_fingerprint(ref)   # one read of the weights, not one per dataset
+    tables = []
+    for ds in datasets:
+        if ds is None:
+            tables.append(None)
+            continue
+        kw = dict(collate_fn=lambda exs, k=ds.kind: collate_fn(exs, k), batch_size=batch_size,
+                  max_length=max_length, cache_dir=cache_dir, temperature=temperature,
+                  backend=backend, autocast_dtype=autocast_dtype, model_hash=model_hash)
+        if main:  # rank 0 fills the cache; the others then read it
+            precompute_reference_logprobs(ref, ds, log=log, **kw)
+        barrier()
+        tables.append(precompute_reference_logprobs(ref, ds, log=lambda m: None, **kw)[0])
+    # On the device once: a per-step host-to-device copy would sync every micro-step.
+    train_table, eval_table = (t.to(policy_device) if t is not None else None for t in tables)
+    return ReferenceSetup(train_table=train_table, eval_table=eval_table)

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 from minorsft.train import checkpoint as C
 from minorsft.train import tiny
-from minorsft.train import loop as T
-from minorsft.train import TrainConfig, train
+from minorsft.train import TrainConfig, check_config, train
 
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.
@@ -65,17 +64,17 @@ def test_incompatible_resume_is_refused_before_any_work(tmp_path, full_run, chan
     new_out = tmp_path / "new"
     bad = dataclasses.replace(cfg, out_dir=str(new_out), resume=os.path.join(cfg.out_dir, "checkpoint-3"),
                               **change)
-    with pytest.raises(ValueError, match=r"--resume: incompatible configuration: " + next(iter(change))):
+    with pytest.raises(ValueError, match=r"^resume: incompatible configuration: " + next(iter(change))):
         train(bad)
     assert not new_out.exists()
 
 
 def test_resume_of_a_missing_or_partial_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--resume latest"):
-        T.check_config(TrainConfig(out_dir=str(tmp_path), resume="latest"))
+    with pytest.raises(ValueError, match="^resume: latest"):
+        check_config(TrainConfig(out_dir=str(tmp_path), resume="latest"))
     (tmp_path / "checkpoint-9").mkdir()
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        T.check_config(TrainConfig(out_dir=str(tmp_path), resume=str(tmp_path / "checkpoint-9")))
+        check_config(TrainConfig(out_dir=str(tmp_path), resume=str(tmp_path / "checkpoint-9")))
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, synth, monkeypatch):
@@ -98,7 +97,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, synt
     with open(os.path.join(cfg.out_dir, "latest")) as f:
         assert f.read().strip() == "checkpoint-2"
     assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoint-4"))
-    assert C.resolve_resume(dataclasses.replace(cfg, resume="latest")).endswith("checkpoint-2")
+    assert C.resolve_resume("latest", cfg.out_dir).endswith("checkpoint-2")
     assert any(n.startswith(".tmp-checkpoint-4") for n in os.listdir(cfg.out_dir))
     done = train(dataclasses.replace(cfg, resume="latest"))  # picks up at step 2, cleans the debris
     assert [h["step"] for h in done["history"]] == [3, 4]
@@ -133,7 +132,7 @@ def test_interrupted_same_step_swap_is_repaired(tmp_path):
     (out / ".old-checkpoint-3-999" / "marker").write_text("x")
     (out / ".tmp-checkpoint-3-999").mkdir()
     (out / "latest").write_text("checkpoint-3")
-    T.repair_checkpoint_debris(str(out))   # what train() runs first on rank 0
+    C.repair_checkpoint_debris(str(out))   # what train() runs first on rank 0
     assert (out / "checkpoint-3" / "marker").exists()
     assert not (out / ".tmp-checkpoint-3-999").exists()
 

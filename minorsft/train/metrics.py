@@ -1,0 +1,132 @@
+"""Metrics of a training run: step records kept on the device until a log interval, then
+read in one host synchronisation, written to ``metrics.jsonl`` and shown on the progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from minorsft.train.checkpoint import atomic_write
+
+
+@dataclass
+class StepRecord:
+    """One optimiser step before it is logged: the summed loss, the gradient norm and
+    the loss's progress metrics as device tensors (no sync), and the learning rate."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def peak_memory_gb(device) -> float:
+    """Peak device memory (CUDA) or peak resident set size (CPU), GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def say(main: bool, msg: str) -> None:
+    """Print a line on rank 0 without breaking the progress bar."""
+    if main:
+        from tqdm.auto import tqdm
+        tqdm.write(msg, file=sys.stdout)
+
+
+class MetricsLog:
+    """``out_dir/metrics.jsonl`` (rank 0 writes), plus the in-memory history.
+
+    ``start(resume_step)`` keeps the lines of steps up to a resumed checkpoint (all lines
+    are dropped for a fresh run). Train records carry ``split="train"``, ``step``,
+    ``loss``, ``grad_norm``, ``lr``, the progress metrics, ``tokens_per_s`` and
+    ``peak_mem_gb``; eval records ``split="eval"`` and the evaluation's values.
+    """
+
+    def __init__(self, out_dir: str, *, main: bool, run_name: Optional[str] = None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.main, self.run_name = main, run_name
+        self.history: List[dict] = []
+        self.evals: List[dict] = []
+
+    def start(self, resume_step: Optional[int]) -> None:
+        if not self.main:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+        atomic_write(self.path, "".join(kept))
+
+    def write(self, rec: dict) -> None:
+        if self.run_name:
+            rec["run"] = self.run_name
+        if self.main:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def add_eval(self, step: int, values: dict) -> dict:
+        rec = {"split": "eval", "step": step, **values}
+        self.write(rec)
+        self.evals.append(rec)
+        return rec
+
+
+class StepLogger:
+    """Collects :class:`StepRecord` s and flushes them at log intervals: one stacked
+    tensor read per flush (summed over ranks for the loss, averaged for the rest)."""
+
+    def __init__(self, log: MetricsLog, metric_keys, *, world: int, device, bar, print_steps=False):
+        self.log, self.keys, self.world, self.device = log, list(metric_keys), world, device
+        self.bar, self.print_steps = bar, print_steps
+        self.pending: List[StepRecord] = []
+        self.tokens, self.t_last = 0, time.perf_counter()
+
+    def add(self, rec: StepRecord, tokens: int) -> None:
+        self.pending.append(rec)
+        self.tokens += tokens
+
+    def _read(self) -> list:
+        vals = torch.stack([torch.stack([p.loss, p.grad_norm] + [p.metrics[k] for k in self.keys]).double()
+                            for p in self.pending])
+        if self.world > 1:  # loss parts sum over ranks; grad norm (equal) and metrics average
+            torch.distributed.all_reduce(vals)
+            vals[:, 1:] /= self.world
+        return vals.tolist()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        rows = self._read()
+        now = time.perf_counter()
+        tps = self.tokens * self.world / max(now - self.t_last, 1e-9)
+        self.tokens, self.t_last = 0, now
+        mem = peak_memory_gb(self.device)
+        for p, row in zip(self.pending, rows):
+            rec = {"split": "train", "step": p.step, "loss": row[0], "grad_norm": row[1], "lr": p.lr}
+            rec.update({k: row[2 + i] for i, k in enumerate(self.keys)})
+            rec.update({"tokens_per_s": tps, "peak_mem_gb": mem})
+            self.log.write(rec)
+            self.log.history.append(rec)
+            if self.print_steps:
+                say(self.log.main, "train step %4d  loss=%.4f" % (rec["step"], rec["loss"]) + "".join(
+                    f"  {k}={rec[k]:.4f}" for k in ("deviation", "rewards/accuracies") if k in rec))
+        self.pending.clear()
+        self._postfix(self.log.history[-1], tps, mem)
+
+    def _postfix(self, last: dict, tps: float, mem: float) -> None:
+        post = {"loss": f"{last['loss']:.4f}"}
+        if "deviation" in last:
+            post["dev"] = f"{last['deviation']:.4f}"
+        if "rewards/accuracies" in last:
+            post["acc"] = f"{last['rewards/accuracies']:.3f}"
+        post["tok/s"] = f"{tps:.0f}"
+        post["mem"] = f"{mem:.2f}G"
+        self.bar.set_postfix(post, refresh=False)

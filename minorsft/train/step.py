@@ -1,0 +1,168 @@
+"""The per-step loss plumbing: a batch in, the fused loss (and its metrics) out.
+
+The policy (and, without precomputed reference log-probs, the frozen reference) run on
+the batch; their logits, or with ``fused_linear`` their final hidden states and lm_head,
+go to the library's loss named in the :class:`LossSetup` (``ms.fused_loss`` /
+``ms.linear_fused_loss``: one call for any loss of ``ms.LOSSES``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import minorsft as ms
+from minorsft.train import data as D
+from minorsft.train.config import LOGIT_TRANSFORMS
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """What a step needs to know about the loss: its name and options, the temperature,
+    the backend, the path (logits or fused linear) and whether SFT tracks the deviation."""
+
+    loss: str
+    options: dict = field(default_factory=dict)
+    temperature: float = 1.0
+    backend: Optional[str] = None
+    fused_linear: bool = False
+    track_deviation: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSetup":
+        return cls(cfg.loss, cfg.loss_options(), cfg.temperature, cfg.backend, cfg.fused_linear,
+                   cfg.track_deviation)
+
+    def as_sft(self) -> "LossSetup":
+        """The same model path scored with token-level cross-entropy (held-out CE)."""
+        return LossSetup("sft", {}, self.temperature, self.backend, self.fused_linear)
+
+    @property
+    def spec(self):
+        return ms.LOSSES[self.loss]
+
+
+def check_plain_lm_head(model) -> None:
+    """The fused linear path computes ``hidden @ W^T``: refuse models that transform their logits."""
+    cfg = getattr(model, "config", None)
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"fused_linear: the model's config sets {name}={value!r}; the fused "
+                             "linear loss computes plain hidden @ lm_head.weight^T logits")
+
+
+def hidden_states(model, unwrapped, fwd: dict) -> torch.Tensor:
+    """Final (normed) hidden states ``[B, T, H]`` from the decoder, captured by a forward
+    hook while the (possibly DDP-wrapped) model runs with ``logits_to_keep=1``, so the
+    full logits are never formed."""
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = unwrapped.get_decoder().register_forward_hook(hook)
+    try:
+        model(**fwd, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def _on(fwd: dict, module) -> dict:
+    """``fwd``'s tensors on ``module``'s device (a reference model may live elsewhere)."""
+    dev = next(module.parameters()).device
+    return {k: v.to(dev) for k, v in fwd.items()}
+
+
+def _head(model, dtype, device):
+    """``(weight, bias)`` of the lm_head in ``dtype`` on ``device``; an FSDP2-sharded
+    weight is gathered (``full_tensor``, differentiable)."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    if weight.dtype != dtype or weight.device != device:   # autocast: the activations' dtype
+        weight = weight.to(device, dtype)
+        bias = bias.to(device, dtype) if bias is not None else None
+    return weight, bias
+
+
+def policy_and_reference(setup: LossSetup, model, unwrapped, ref_model, fwd: dict):
+    """``(call, tensors, ref_tensors)``: the library loss to call (``ms.fused_loss`` or
+    ``ms.linear_fused_loss``), the policy's tensors for it (shifted by one position) and
+    the reference's keyword tensors (empty without a live reference model)."""
+    ref_kw = {}
+    if not setup.fused_linear:
+        logits = model(**fwd).logits[:, :-1]
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = ref_model(**_on(fwd, ref_model)).logits[:, :-1]
+            ref_kw["ref_logits"] = ref.to(device=logits.device, dtype=logits.dtype)
+        return ms.fused_loss, (logits,), ref_kw
+    hidden = hidden_states(model, unwrapped, fwd)[:, :-1]
+    weight, bias = _head(unwrapped, hidden.dtype, hidden.device)
+    if ref_model is not None:
+        with torch.no_grad():
+            rh = hidden_states(ref_model, ref_model, _on(fwd, ref_model))[:, :-1]
+            rh = rh.to(device=hidden.device, dtype=hidden.dtype)
+            rw, rb = _head(ref_model, rh.dtype, rh.device)
+        ref_kw = {"ref_hidden": rh, "ref_weight": rw, "ref_bias": rb}
+    return ms.linear_fused_loss, (hidden, weight), {"bias": bias, **ref_kw}
+
+
+def _token_fn(setup: LossSetup):
+    return ms.linear_token_logprobs if setup.fused_linear else ms.token_logprobs
+
+
+def _deviation(setup: LossSetup, ref_kw: dict, labels, lp_policy, ref_logps):
+    """The MinorSFT deviation metric of an SFT step (detached, no gradient)."""
+    common = dict(backend=setup.backend, temperature=setup.temperature, check_labels=False)
+    with torch.no_grad():
+        if ref_kw:
+            if "ref_logits" in ref_kw:
+                rargs, rkw = (ref_kw["ref_logits"],), {}
+            else:
+                rargs, rkw = (ref_kw["ref_hidden"], ref_kw["ref_weight"]), {"bias": ref_kw["ref_bias"]}
+            ref_logps = _token_fn(setup)(*rargs, labels, **rkw, **common).sum(-1)
+        _, m = ms.loss_from_token_logprobs("minor_sft", lp_policy.detach(), labels != D.IGNORE_INDEX,
+                                           ref_seq_logps=ref_logps, return_metrics=True)
+    return m["deviation"]
+
+
+def compute_loss(setup: LossSetup, model, batch: dict, *, ref_model=None, ref_logps=None,
+                 denom=None, num_items=None, reduction="sum", unwrapped=None):
+    """Forward the policy (and the reference) on ``batch`` and return ``(loss, metrics)``.
+
+    ``batch``: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` on the device
+    (for pairs ``B = 2P``, chosen rows first). Labels are shifted here: position ``t``
+    predicts ``labels[:, t + 1]``. ``ref_logps``: ``[B]`` precomputed per-sequence
+    reference sums (or None with ``ref_model``). ``sft`` divides by ``num_items`` (global
+    label tokens); the others reduce with ``reduction`` and divide by ``denom``.
+    ``unwrapped``: the model under a DDP wrapper (for the fused linear path).
+    Metrics are detached tensors (no host sync): the loss's metrics (for ``sft`` with a
+    reference, the deviation).
+    """
+    labels = batch["labels"][:, 1:]
+    fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    live_ref = ref_model if (setup.spec.reference or setup.track_deviation) and ref_logps is None else None
+    call, tensors, kw = policy_and_reference(setup, model, unwrapped or model, live_ref, fwd)
+    common = dict(backend=setup.backend, temperature=setup.temperature, check_labels=False)
+    if setup.spec.token_level:
+        ref_kw = {k: v for k, v in kw.items() if k.startswith("ref_")}
+        kw = {k: v for k, v in kw.items() if not k.startswith("ref_")}
+        lp = _token_fn(setup)(*tensors, labels, **kw, **common)
+        loss = ms.loss_from_token_logprobs(setup.loss, lp, labels != D.IGNORE_INDEX,
+                                           reduction="mean" if reduction == "sum" else reduction,
+                                           num_items_in_batch=num_items)
+        metrics = {}
+        if ref_kw or ref_logps is not None:
+            metrics["deviation"] = _deviation(setup, ref_kw, labels, lp, ref_logps)
+        return loss, metrics
+    loss, m = call(setup.loss, *tensors, labels, ref_logprobs=ref_logps, reduction=reduction,
+                   return_metrics=True, **kw, **setup.options, **common)
+    if denom is not None:
+        loss = loss / denom
+    return loss, m
