@@ -28,3 +28,21 @@ def device_guard(tensor: torch.Tensor):
     not the current one.
     """
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (Triton kernels run on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def hand_round() -> bool:
+    """Round fp32 -> bf16 by hand in the kernels: under the interpreter (which truncates),
+    or when ``MINORSFT_HAND_ROUND=1`` (a test compares both ways on a GPU)."""
+    return interpreting() or os.environ.get("MINORSFT_HAND_ROUND") == "1"
+
+
+def scored_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """The labels the positions are scored against: ``labels`` itself, or with ``shift``
+    the view ``labels[:, 1:]`` (Hugging Face labels: position ``t`` predicts label
+    ``t + 1``). A view of the ``[B, T]`` labels: the data pointer moves by one stride."""
+    return labels[:, 1:] if shift else labels

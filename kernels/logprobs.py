@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, alloc_output as _alloc, device_guard
+from .common import LN2, LOG2E, alloc_output as _alloc, device_guard, hand_round, scored_labels
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
 # compile error on the GPU that the CPU interpreter does not report).
@@ -90,14 +90,15 @@ def launch_config(vocab: int, n_rows: int, device: torch.device) -> Tuple[int, i
 
 
 @triton.jit
-def _cast_out(x, dtype: tl.constexpr):
+def _cast_out(x, dtype: tl.constexpr, HAND_ROUND: tl.constexpr):
     """fp32 -> output dtype, round-to-nearest-even for every dtype.
 
-    bf16 is rounded by hand (add 0x7FFF plus the lsb, keep the high half): the
-    Triton CPU interpreter truncates fp32 -> bf16 where the GPU rounds, so doing it
-    explicitly makes both give the same bits. NaN stays NaN, overflow gives inf.
+    On the GPU this is the hardware conversion (``cvt.rn``). The Triton CPU interpreter
+    truncates fp32 -> bf16 instead, so there (``HAND_ROUND``) bf16 is rounded by hand:
+    add 0x7FFF plus the lsb, keep the high half (about eight integer operations per
+    element), which gives the GPU's bits. NaN stays NaN, overflow gives inf.
     """
-    if dtype == tl.bfloat16:
+    if HAND_ROUND and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         bits = tl.where(x != x, 0x7FC00000, bits)   # a NaN payload could carry into the sign
@@ -149,14 +150,17 @@ def _store_row(m, s, tgt, n, sp, S, y_ok, hit, out_ptr, lse_ptr, part_ptr, tgt_p
 @triton.heuristics({
     "HAS_REF": lambda args: args["ref_ptr"] is not None,
     "SPLIT": lambda args: args["part_ptr"] is not None,
+    "HAS_FLAG": lambda args: args["flag_ptr"] is not None,
 })
 @triton.jit
 def _logprobs_fwd_kernel(
     # pointers
-    logits_ptr, ref_ptr, labels_ptr,        # [B, T, V], [B, T, V] or None, [B, T] int
+    logits_ptr, ref_ptr, labels_ptr,        # [B, >=T, V], the same or None, [B, T] int
     lp_ptr, lse_ptr, ref_lp_ptr,            # [B, T] fp32 outputs (contiguous); whole rows
     part_ptr, ref_part_ptr, tgt_ptr, ref_tgt_ptr,  # split rows: [N, S, 2] partials, [N] targets
-    # shapes
+    flag_ptr,                               # int64 [2]: bad-label count, one bad value; or None
+    # shapes: T scored positions per sequence (the logits may hold more, e.g. one more
+    # with shift: their position t is read with label t from a labels view offset by one)
     T, V, CHUNK_V,                          # CHUNK_V: columns per program (a BLOCK_V multiple)
     # strides, in elements
     stride_zb, stride_zt, stride_zv,
@@ -165,7 +169,7 @@ def _logprobs_fwd_kernel(
     # runtime scalars (not constexpr: changing them never recompiles)
     ignore_index, scale2,
     # flags
-    HAS_REF: tl.constexpr, SPLIT: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr, SPLIT: tl.constexpr, HAS_FLAG: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # int64 row index: b * stride_zb overflows int32 once N * V passes 2^31.
     n = tl.program_id(0).to(tl.int64)
@@ -187,6 +191,10 @@ def _logprobs_fwd_kernel(
                        ref_lp_ptr, None, ref_part_ptr, ref_tgt_ptr, SPLIT)
         return
     y_ok = (y >= 0) & (y < V)
+    if HAS_FLAG:
+        if (~y_ok) & (sp == 0):   # a label that is no token: NaN log-prob, and the flag says so
+            tl.atomic_add(flag_ptr, 1, sem="relaxed")
+            tl.atomic_xchg(flag_ptr + 1, y, sem="relaxed")
     y_safe = tl.where(y_ok, y, 0)
     hit = y_ok & (y >= lo) & (y < hi)
     m, s, tgt = _chunk_stats(logits_ptr + b * stride_zb + t * stride_zt, stride_zv, lo, hi,
@@ -202,10 +210,10 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     # pointers
-    logits_ptr, labels_ptr, lse_ptr, glp_ptr,   # [B, T, V], [B, T] int, [B, T] fp32 x2
+    logits_ptr, labels_ptr, lse_ptr, glp_ptr,   # [B, T, V], [B, T_LAB] int, [B, T_LAB] fp32 x2
     grad_ptr,                                   # [B, T, V] output (may alias logits)
-    # shapes
-    T, V, CHUNK_V,                              # CHUNK_V: columns per program
+    # shapes: rows t >= T_LAB (the last one with shift) have no label: zero gradient
+    T, T_LAB, V, CHUNK_V,                       # CHUNK_V: columns per program
     # strides, in elements
     stride_zb, stride_zt, stride_zv,
     stride_yb, stride_yt,
@@ -213,15 +221,16 @@ def _logprobs_bwd_kernel(
     stride_db, stride_dt, stride_dv,            # output gradient
     # runtime scalars
     ignore_index, scale2, inv_temp,
-    BLOCK_V: tl.constexpr,
+    HAND_ROUND: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     lo = tl.program_id(1) * CHUNK_V
     hi = tl.minimum(lo + CHUNK_V, V)
     b = n // T
     t = n % T
-    y = tl.load(labels_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
-    g = tl.load(glp_ptr + b * stride_gb + t * stride_gt).to(tl.float32)
+    scored = t < T_LAB
+    y = tl.load(labels_ptr + b * stride_yb + t * stride_yt, mask=scored, other=ignore_index).to(tl.int64)
+    g = tl.load(glp_ptr + b * stride_gb + t * stride_gt, mask=scored, other=0.0).to(tl.float32)
     row_out = grad_ptr + b * stride_db + t * stride_dt
     offs = tl.arange(0, BLOCK_V)
     if (y == ignore_index) | (g == 0.0):
@@ -229,11 +238,11 @@ def _logprobs_bwd_kernel(
         for start in range(lo, hi, BLOCK_V):
             cols = start + offs
             tl.store(row_out + cols.to(tl.int64) * stride_dv,
-                     _cast_out(tl.zeros((BLOCK_V,), tl.float32), grad_ptr.dtype.element_ty),
+                     _cast_out(tl.zeros((BLOCK_V,), tl.float32), grad_ptr.dtype.element_ty, HAND_ROUND),
                      mask=cols < hi)
         return
     row_in = logits_ptr + b * stride_zb + t * stride_zt
-    lse2 = tl.load(lse_ptr + n) * LOG2E_C
+    lse2 = tl.load(lse_ptr + b * T_LAB + t) * LOG2E_C   # lse is [B, T_LAB], contiguous
     gs = g * inv_temp
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
@@ -242,7 +251,7 @@ def _logprobs_bwd_kernel(
         p = tl.exp2(x * scale2 - lse2)
         d = tl.where(cols == y, 1.0 - p, -p)   # target column in fp32, before rounding
         tl.store(row_out + cols.to(tl.int64) * stride_dv,
-                 _cast_out(gs * d, grad_ptr.dtype.element_ty), mask=cmask)
+                 _cast_out(gs * d, grad_ptr.dtype.element_ty, HAND_ROUND), mask=cmask)
 
 
 def _combine(part: torch.Tensor, tgt: torch.Tensor, keep: torch.Tensor):
@@ -261,18 +270,27 @@ def logprobs_forward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    shift: bool = False,
+    bad_labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the labels.
 
     Args:
         logits: ``[B, T, V]`` bf16/fp16/fp32, any strides.
-        labels: ``[B, T]`` integer, aligned with ``logits``.
+        labels: ``[B, T]`` integer: aligned with ``logits``, or with ``shift`` Hugging
+            Face labels (position ``t`` is scored against label ``t + 1``; the logits'
+            last position is never read).
         ref_logits: optional ``[B, T, V]`` reference logits (any float dtype, strides).
+        bad_labels: optional int64 ``[2]`` device flag: a label outside ``[0, V)`` that
+            is not ``ignore_index`` adds 1 to ``[0]`` and leaves its value in ``[1]``.
     Returns:
-        ``(lp, lse, ref_lp)``: ``[B, T]`` fp32 each (contiguous); ``lp``/``ref_lp`` are 0
-        where masked; ``ref_lp`` is an empty tensor when ``ref_logits`` is None.
+        ``(lp, lse, ref_lp)``: ``[B, T']`` fp32 each (contiguous; ``T' = T - 1`` with
+        ``shift``, else ``T``); ``lp``/``ref_lp`` are 0 where masked and NaN for a bad
+        label; ``ref_lp`` is an empty tensor when ``ref_logits`` is None.
     """
-    B, T, V = logits.shape
+    labels = scored_labels(labels, shift)
+    B, T = labels.shape
+    V = logits.shape[-1]
     N = B * T
     dev = logits.device
     has_ref = ref_logits is not None
@@ -295,7 +313,7 @@ def logprobs_forward(
         _logprobs_fwd_kernel[(N, splits)](
             logits, ref_logits, labels,
             lp, lse, ref_lp if has_ref and splits == 1 else None,
-            part, ref_part, tgt, ref_tgt,
+            part, ref_part, tgt, ref_tgt, bad_labels,
             T, V, chunk,
             *logits.stride(), *rs, *labels.stride(),
             ignore_index, LOG2E / temperature,
@@ -317,21 +335,23 @@ def logprobs_backward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    shift: bool = False,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient of the loss with respect to the logits.
 
     Args:
         logits: ``[B, T, V]`` as given to :func:`logprobs_forward`.
-        labels: ``[B, T]``.
-        lse: ``[B, T]`` fp32 from the forward.
-        grad_lp: ``[B, T]`` upstream gradient of the per-token log-probs (any strides).
+        labels: ``[B, T]``, as given to :func:`logprobs_forward` (with the same ``shift``).
+        lse: ``[B, T']`` fp32 from the forward.
+        grad_lp: ``[B, T']`` upstream gradient of the per-token log-probs (any strides).
         out: ``[B, T, V]`` destination; ``out=logits`` writes in place. Default: a new
             tensor of ``logits``' dtype.
     Returns:
         ``out``, holding ``grad_lp / tau * (onehot(labels) - softmax(logits / tau))``
-        (zero rows where masked).
+        (zero rows where masked, and the last position's rows with ``shift``).
     """
+    labels = scored_labels(labels, shift)
     B, T, V = logits.shape
     if out is None:
         out = _alloc((B, T, V), logits.dtype, logits.device)
@@ -341,9 +361,9 @@ def logprobs_backward(
     with device_guard(logits):
         _logprobs_bwd_kernel[(B * T, splits)](
             logits, labels, lse, grad_lp, out,
-            T, V, chunk,
+            T, labels.shape[1], V, chunk,
             *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
             ignore_index, LOG2E / temperature, 1.0 / temperature,
-            BLOCK_V=block, num_warps=warps,
+            HAND_ROUND=hand_round(), BLOCK_V=block, num_warps=warps,
         )
     return out

@@ -42,6 +42,11 @@ from minorsft.functional import (  # noqa: E402
     sft_loss,
     token_logprobs,
 )
+from minorsft.label_errors import (  # noqa: E402
+    check_label_errors,
+    raise_label_errors,
+    take_label_errors,
+)
 from minorsft.linear import (  # noqa: E402
     linear_dpo_loss,
     linear_fused_loss,
@@ -68,7 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "token_logprobs", "sft_loss", "minor_sft_loss", "minor_dpo_loss", "dpo_loss",
     "fused_loss", "linear_fused_loss", "lobass_learnability", "loss_from_token_logprobs", "select_backend", "BACKENDS", "losses",
-    "LOSSES", "SFTLoss", "MinorSFTLoss", "MinorDPOLoss", "DPOLoss",
+    "LOSSES", "check_label_errors", "take_label_errors", "raise_label_errors", "SFTLoss", "MinorSFTLoss", "MinorDPOLoss", "DPOLoss",
     "linear_token_logprobs", "linear_sft_loss", "linear_minor_sft_loss", "linear_minor_dpo_loss",
     "linear_dpo_loss", "LinearSFTLoss", "LinearMinorSFTLoss", "LinearMinorDPOLoss", "LinearDPOLoss",
 ]

@@ -41,9 +41,13 @@ class LinearInputs:
                  ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
                  ref_bias: Optional[Tensor] = None, *, ignore_index: int, temperature: float,
                  backend: Optional[str], memory_budget: Optional[int] = None,
-                 check_labels: Optional[bool] = None):
+                 check_labels: Optional[bool] = None, shift: bool = False):
+        V.check_flag("shift", shift)
         V.check_linear("", hidden, weight, bias)
-        V.check_labels(labels, hidden.shape[:2], hidden.device, "hidden")
+        V.check_labels(labels, hidden.shape[:2], hidden.device, "hidden", shift=shift)
+        if shift:   # views of the [B, T, H] states (not vocabulary-sized), labels t + 1
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+            ref_hidden = ref_hidden[:, :-1] if ref_hidden is not None else None
         self.memory_budget = V.check_memory_budget(memory_budget)
         self.temperature = V.check_token_options(labels, weight.shape[0], ignore_index,
                                                  temperature, check_labels)
@@ -84,7 +88,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                           bias: Optional[Tensor] = None, ignore_index: int = -100,
                           temperature: float = 1.0, backend: Optional[str] = None,
                           memory_budget: Optional[int] = None,
-                          check_labels: Optional[bool] = None) -> Tensor:
+                          check_labels: Optional[bool] = None, shift: bool = False) -> Tensor:
     """Per-token log-probability of each label, without forming the logits.
 
     Args:
@@ -97,14 +101,17 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         backend: None/"auto", "triton" or "torch" (see :func:`minorsft.ops.select_backend`).
         memory_budget: bytes of fp32 temporaries per chunk (torch backend: default
             ``MINORSFT_LINEAR_CHUNK_BYTES`` or 128 MiB; Triton: the backward's staging buffer).
-        check_labels: validate the label range (one host sync), as the logits path.
+        check_labels: validate the label range, as the logits path.
+        shift: ``hidden`` is the model's full ``[B, T, H]`` output and ``labels`` its
+            Hugging Face labels; position ``t`` is scored against label ``t + 1`` (result
+            ``[B, T - 1]``), as :func:`minorsft.token_logprobs` with ``shift=True``.
     Returns:
         ``[B, T]`` fp32 ``log softmax((hidden @ weight^T + bias) / temperature)[label]``,
         0 where masked; differentiable with respect to hidden, weight and bias.
     """
     return LinearInputs(hidden, weight, labels, bias, ignore_index=ignore_index,
                         temperature=temperature, backend=backend, memory_budget=memory_budget,
-                        check_labels=check_labels).logprobs()[0]
+                        check_labels=check_labels, shift=shift).logprobs()[0]
 
 
 def linear_fused_loss(loss: str, hidden: Tensor, weight: Tensor, labels: Tensor, *,
@@ -115,12 +122,13 @@ def linear_fused_loss(loss: str, hidden: Tensor, weight: Tensor, labels: Tensor,
                       num_items_in_batch: Optional[Union[int, Tensor]] = None,
                       temperature: float = 1.0, return_metrics: bool = False,
                       backend: Optional[str] = None, memory_budget: Optional[int] = None,
-                      check_labels: Optional[bool] = None, **options) -> LossOut:
+                      check_labels: Optional[bool] = None, shift: bool = False,
+                      **options) -> LossOut:
     """Any loss of :data:`minorsft.LOSSES` by name from hidden states (the fused linear
     form of :func:`minorsft.fused_loss`); tensors as :func:`linear_minor_sft_loss`."""
     inputs = LinearInputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias,
                           ignore_index=ignore_index, temperature=temperature, backend=backend,
-                          memory_budget=memory_budget, check_labels=check_labels)
+                          memory_budget=memory_budget, check_labels=check_labels, shift=shift)
     return run_loss(loss, inputs, ref_logprobs=ref_logprobs, reduction=reduction,
                     num_items_in_batch=num_items_in_batch, return_metrics=return_metrics,
                     **options)
@@ -131,7 +139,7 @@ def linear_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                     reduction: str = "mean", num_items_in_batch: Optional[Union[int, Tensor]] = None,
                     temperature: float = 1.0, backend: Optional[str] = None,
                     memory_budget: Optional[int] = None,
-                    check_labels: Optional[bool] = None) -> Tensor:
+                    check_labels: Optional[bool] = None, shift: bool = False) -> Tensor:
     """Token-level cross-entropy from ``hidden [B,T,H]`` and ``weight [V,H]`` (+ ``bias [V]``).
 
     Same reductions as :func:`minorsft.sft_loss`: "mean" over unmasked tokens (or
@@ -139,7 +147,7 @@ def linear_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """
     inputs = LinearInputs(hidden, weight, labels, bias, ignore_index=ignore_index,
                           temperature=temperature, backend=backend, memory_budget=memory_budget,
-                          check_labels=check_labels)
+                          check_labels=check_labels, shift=shift)
     return run_loss("sft", inputs, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
 
@@ -151,7 +159,7 @@ def linear_minor_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                           reduction: str = "mean", temperature: float = 1.0,
                           return_metrics: bool = False, backend: Optional[str] = None,
                           memory_budget: Optional[int] = None,
-                          check_labels: Optional[bool] = None) -> LossOut:
+                          check_labels: Optional[bool] = None, shift: bool = False) -> LossOut:
     """MinorSFT from hidden states: the loss of :func:`minorsft.minor_sft_loss` without logits.
 
     Args:
@@ -167,7 +175,7 @@ def linear_minor_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """
     inputs = LinearInputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias,
                           ignore_index=ignore_index, temperature=temperature, backend=backend,
-                          memory_budget=memory_budget, check_labels=check_labels)
+                          memory_budget=memory_budget, check_labels=check_labels, shift=shift)
     return run_loss("minor_sft", inputs, ref_logprobs=ref_logprobs, reduction=reduction,
                     return_metrics=return_metrics, beta=beta, length_norm=length_norm)
 
@@ -179,7 +187,7 @@ def linear_minor_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                           ignore_index: int = -100, reduction: str = "mean",
                           temperature: float = 1.0, return_metrics: bool = False,
                           backend: Optional[str] = None, memory_budget: Optional[int] = None,
-                          check_labels: Optional[bool] = None) -> LossOut:
+                          check_labels: Optional[bool] = None, shift: bool = False) -> LossOut:
     """MinorDPO from hidden states (see :func:`minorsft.minor_dpo_loss`).
 
     ``hidden`` is ``[2P, T, H]``: rows ``[0, P)`` chosen, ``[P, 2P)`` rejected. Reference
@@ -187,7 +195,7 @@ def linear_minor_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """
     inputs = LinearInputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias,
                           ignore_index=ignore_index, temperature=temperature, backend=backend,
-                          memory_budget=memory_budget, check_labels=check_labels)
+                          memory_budget=memory_budget, check_labels=check_labels, shift=shift)
     return run_loss("minor_dpo", inputs, ref_logprobs=ref_logprobs, reduction=reduction,
                     return_metrics=return_metrics, beta=beta)
 
@@ -200,13 +208,13 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                     ignore_index: int = -100, reduction: str = "mean", temperature: float = 1.0,
                     return_metrics: bool = False, backend: Optional[str] = None,
                     memory_budget: Optional[int] = None,
-                    check_labels: Optional[bool] = None) -> LossOut:
+                    check_labels: Optional[bool] = None, shift: bool = False) -> LossOut:
     """DPO family from hidden states (see :func:`minorsft.dpo_loss`; ``loss_type`` in
     "sigmoid", "ipo", "hinge", "robust"). Layout and reference as
     :func:`linear_minor_dpo_loss`. Returns loss or ``(loss, metrics)``."""
     inputs = LinearInputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias,
                           ignore_index=ignore_index, temperature=temperature, backend=backend,
-                          memory_budget=memory_budget, check_labels=check_labels)
+                          memory_budget=memory_budget, check_labels=check_labels, shift=shift)
     return run_loss("dpo", inputs, ref_logprobs=ref_logprobs, reduction=reduction,
                     return_metrics=return_metrics, beta=beta, loss_type=loss_type,
                     label_smoothing=label_smoothing)

@@ -35,9 +35,9 @@ def check_call_options(loss: str, options: dict) -> None:
         V.check_choice("backend", options["backend"], BACKENDS)
     if "memory_budget" in options:
         V.check_memory_budget(options["memory_budget"])
-    for flag in ("return_metrics", "inplace_backward"):
-        if flag in options and not isinstance(options[flag], bool):
-            raise TypeError(f"{flag}: must be a bool, got {type(options[flag]).__name__}")
+    for flag in ("return_metrics", "inplace_backward", "shift"):
+        if flag in options:
+            V.check_flag(flag, options[flag])
 
 
 class FusedLoss(nn.Module):

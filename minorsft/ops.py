@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from minorsft.label_errors import label_flag, record_bad_labels
+
 log = logging.getLogger("minorsft")
 BACKENDS = ("auto", "triton", "torch")
 # path -> (Triton module, PyTorch module): same function names, same arguments.
@@ -81,15 +83,17 @@ def implementation(path: str, backend: str):
 @torch.library.custom_op("minorsft::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: Tensor, labels: Tensor, ref_logits: Optional[Tensor],
                       ignore_index: int, temperature: float, backend: str,
-                      inplace_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(lp [B,T], lse [B,T], ref_lp [B,T] or [0])``, fp32; see kernels/logprobs.py."""
+                      inplace_backward: bool, shift: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(lp [B,T'], lse [B,T'], ref_lp [B,T'] or [0])``, fp32, ``T' = T - shift``; see
+    kernels/logprobs.py. Bad labels are added to the device's label flag (label_errors)."""
     return implementation("logprobs", backend).logprobs_forward(
-        logits, labels, ref_logits, ignore_index=ignore_index, temperature=temperature)
+        logits, labels, ref_logits, ignore_index=ignore_index, temperature=temperature,
+        shift=shift, bad_labels=label_flag(logits.device))
 
 
 @token_logprobs_op.register_fake
-def _(logits, labels, ref_logits, ignore_index, temperature, backend, inplace_backward):
-    B, T, _ = logits.shape
+def _(logits, labels, ref_logits, ignore_index, temperature, backend, inplace_backward, shift):
+    B, T = logits.shape[0], logits.shape[1] - int(shift)
     f32 = dict(dtype=torch.float32, device=logits.device)
     ref_shape = (B, T) if ref_logits is not None else (0,)
     return logits.new_empty((B, T), **f32), logits.new_empty((B, T), **f32), logits.new_empty(ref_shape, **f32)
@@ -97,30 +101,34 @@ def _(logits, labels, ref_logits, ignore_index, temperature, backend, inplace_ba
 
 @torch.library.custom_op("minorsft::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, grad_lp: Tensor,
-                               ignore_index: int, temperature: float, backend: str) -> Tensor:
+                               ignore_index: int, temperature: float, backend: str,
+                               shift: bool) -> Tensor:
     """``[B, T, V]`` gradient in ``logits``' dtype."""
     return implementation("logprobs", backend).logprobs_backward(
-        logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature)
+        logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature,
+        shift=shift)
 
 
 @token_logprobs_backward_op.register_fake
-def _(logits, labels, lse, grad_lp, ignore_index, temperature, backend):
+def _(logits, labels, lse, grad_lp, ignore_index, temperature, backend, shift):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("minorsft::token_logprobs_backward_", mutates_args=("logits",))
 def token_logprobs_backward_inplace_op(logits: Tensor, labels: Tensor, lse: Tensor, grad_lp: Tensor,
-                                       ignore_index: int, temperature: float, backend: str) -> None:
+                                       ignore_index: int, temperature: float, backend: str,
+                                       shift: bool) -> None:
     """Like ``token_logprobs_backward`` but overwrites ``logits`` with the gradient."""
     implementation("logprobs", backend).logprobs_backward(
-        logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature, out=logits)
+        logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature,
+        shift=shift, out=logits)
 
 
 def _logprobs_setup_context(ctx, inputs, output):
-    logits, labels, _ref, ignore_index, temperature, backend, inplace = inputs
+    logits, labels, _ref, ignore_index, temperature, backend, inplace, shift = inputs
     _lp, lse, ref_lp = output
     ctx.save_for_backward(logits, labels, lse)
-    ctx.opts = (ignore_index, temperature, backend)
+    ctx.opts = (ignore_index, temperature, backend, shift)
     ctx.inplace = inplace
     ctx.mark_non_differentiable(lse, ref_lp)
 
@@ -135,7 +143,7 @@ def _logprobs_backward(ctx, grad_lp, _grad_lse, _grad_ref):
         else:
             grad = torch.ops.minorsft.token_logprobs_backward(logits, labels, lse, grad_lp, *ctx.opts)
     # The reference is frozen: no gradient flows to ref_logits.
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
@@ -152,6 +160,7 @@ def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tens
                              ignore_index: int, temperature: float, backend: str,
                              memory_budget: int) -> Tuple[Tensor, Tensor]:
     """``(lp [B, T], lse [B, T])`` fp32 from ``hidden [B,T,H]``, ``weight [V,H]``, ``bias [V]``."""
+    record_bad_labels(labels, weight.shape[0], ignore_index, label_flag(hidden.device))
     return implementation("linear", backend).linear_forward(
         hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
         memory_budget=_budget(memory_budget))

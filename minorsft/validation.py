@@ -31,6 +31,13 @@ def check_choice(name: str, value, options: Iterable) -> None:
     checked_choice(name, value, options)
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` must be a bool (``shift``, ``return_metrics``, ``inplace_backward``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_reduction(reduction: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
 
@@ -69,17 +76,21 @@ def check_logits(name: str, logits) -> None:
         raise ValueError(f"{name}: vocabulary dimension is empty, shape {tuple(logits.shape)}")
 
 
-def check_labels(labels, batch_shape, device, logits_name: str = "logits") -> None:
-    """``labels`` must be an integer ``[B, T]`` tensor matching ``batch_shape``."""
+def check_labels(labels, batch_shape, device, logits_name: str = "logits",
+                 shift: bool = False) -> None:
+    """``labels`` must be an integer ``[B, T]`` tensor matching ``batch_shape`` (with
+    ``shift``, Hugging Face labels: the same positions as the logits, at least one)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels: dtype must be an integer type, got {labels.dtype}")
     if tuple(labels.shape) != tuple(batch_shape):
-        raise ValueError(
-            f"labels: shape {tuple(labels.shape)} does not match {logits_name} "
-            f"batch shape {tuple(batch_shape)} (labels must already be aligned: pass "
-            f"logits[:, :-1] with labels[:, 1:])")
+        how = ("with shift=True, labels are the model's Hugging Face labels, one per position"
+               if shift else "labels aligned with the logits; for Hugging Face labels pass shift=True")
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match {logits_name} "
+                         f"batch shape {tuple(batch_shape)} ({how})")
+    if shift and labels.shape[1] < 1:
+        raise ValueError(f"labels: shift=True needs at least one position, got shape {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels: on {labels.device}, but {logits_name} is on {device}")
 
@@ -131,7 +142,9 @@ def check_same(name: str, tensor, ref_name: str, ref) -> None:
 
 
 def check_ref_logprobs(ref_logprobs, batch_shape, device) -> None:
-    """``ref_logprobs`` is ``[B, T]`` per-token or ``[B]`` per-sequence sums."""
+    """``ref_logprobs`` is ``[B, T]`` per-token (``batch_shape``: the scored positions, so
+    ``[B, T - 1]`` with ``shift=True``, as ``token_logprobs(..., shift=True)`` returns) or
+    ``[B]`` per-sequence sums."""
     if not isinstance(ref_logprobs, torch.Tensor):
         raise TypeError(f"ref_logprobs: expected a torch.Tensor, got {type(ref_logprobs).__name__}")
     if not ref_logprobs.dtype.is_floating_point:
@@ -139,8 +152,8 @@ def check_ref_logprobs(ref_logprobs, batch_shape, device) -> None:
     shape = tuple(ref_logprobs.shape)
     if shape not in (tuple(batch_shape), tuple(batch_shape[:1])):
         raise ValueError(
-            f"ref_logprobs: expected [B, T] = {tuple(batch_shape)} per-token log-probs or "
-            f"[B] = {tuple(batch_shape[:1])} per-sequence sums, got {shape}")
+            f"ref_logprobs: expected {tuple(batch_shape)} per-token log-probs (one per scored "
+            f"position) or {tuple(batch_shape[:1])} per-sequence sums, got {shape}")
     if ref_logprobs.device != device:
         raise ValueError(f"ref_logprobs: on {ref_logprobs.device}, but logits are on {device}")
 
@@ -177,24 +190,27 @@ def check_pairs(batch_size: int) -> None:
             f"(B/2 chosen then B/2 rejected), got B={batch_size}")
 
 
-def _skip_data_checks() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return True
-    return os.environ.get("MINORSFT_CHECK_LABELS", "1") == "0"
+def _eager_check_by_default(labels: torch.Tensor) -> bool:
+    """The default of ``check_labels``: on for CPU labels (reading them costs nothing),
+    off on a GPU (a host synchronisation per call; the label flag of
+    :mod:`minorsft.label_errors` reports bad labels instead), under ``torch.compile``,
+    and when the environment sets ``MINORSFT_CHECK_LABELS=0``."""
+    if torch.compiler.is_compiling() or os.environ.get("MINORSFT_CHECK_LABELS", "1") == "0":
+        return False
+    return labels.device.type == "cpu"
 
 
 def check_labels_range(labels: torch.Tensor, vocab: int, ignore_index: int,
                        enabled: Optional[bool] = None) -> None:
     """Raise ``ValueError`` if a label is outside ``[0, vocab)`` and not ``ignore_index``.
 
-    This reads the labels on the host (one synchronisation). It is skipped under
-    ``torch.compile`` / CUDA-graph capture, when ``enabled=False``, or when the
-    environment sets ``MINORSFT_CHECK_LABELS=0``. The kernels never read out of
-    bounds whatever the labels hold: an out-of-range label gives a NaN log-prob.
+    This reads the labels on the host: ``enabled=True`` always (one synchronisation on a
+    GPU), ``None`` (the default) only where that is free (see
+    :func:`_eager_check_by_default`), ``False`` never. Unchecked, a bad label is still
+    never used as an address: the kernels give it a NaN log-prob and raise the device's
+    label flag (:func:`minorsft.label_errors.check_label_errors` reads it).
     """
-    if enabled is False or (enabled is None and _skip_data_checks()):
+    if enabled is False or (enabled is None and not _eager_check_by_default(labels)):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):

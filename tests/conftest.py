@@ -30,8 +30,11 @@ else:
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    """A fresh, reproducible seed per test (derived from its id)."""
+    """A fresh, reproducible seed per test (derived from its id), and a clean label flag
+    (a test that feeds bad labels on purpose must not leak them into the next one)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    import minorsft as ms
+    ms.take_label_errors(DEVICE)
 
 
 @pytest.fixture

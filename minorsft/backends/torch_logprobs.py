@@ -1,11 +1,17 @@
 """Pure-PyTorch backend for the logits path: the same math as the Triton kernels.
 
-Used on CPU tensors (and as a comparison). It walks the rows in chunks sized from a
-byte budget (``MINORSFT_TORCH_CHUNK_BYTES``, default 64 MiB of fp32 temporaries), so
-it never holds an fp32 ``[N, V]`` copy either. Each chunk is a view
-``logits[b, t0:t1]``: strided inputs such as ``logits[:, :-1]`` are never copied whole.
-The functions mirror :mod:`minorsft.kernels.logprobs` function for function and
-argument for argument.
+Used on CPU tensors (and as a comparison). It walks the token rows in small chunks
+(``MINORSFT_TORCH_CHUNK_BYTES`` of logits per chunk, default 1 MiB: a few rows that
+stay in the CPU's cache while the chunk's passes run over them), so it never holds an
+fp32 ``[N, V]`` copy and each logit comes from main memory once per direction, as in the
+kernels. Each chunk is a view ``logits[b, t0:t1]``: strided inputs such as
+``logits[:, :-1]`` are never copied whole. The functions mirror
+:mod:`minorsft.kernels.logprobs` function for function and argument for argument.
+
+Per chunk of rows ``z`` (fp32 views of fp32 logits, a cached fp32 copy otherwise):
+forward ``lse = logsumexp(z / tau)`` and the label's logit; backward
+``g / tau * (onehot - exp(z / tau - lse))`` formed in place in the fp32 output chunk (or
+an fp32 scratch chunk, then rounded once into a low-precision output).
 """
 from __future__ import annotations
 
@@ -15,30 +21,54 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from minorsft.kernels.common import alloc_output as _alloc
+from minorsft.kernels.common import scored_labels
+from minorsft.label_errors import record_bad_labels
 
-# fp32 temporaries alive per row in the backward: z, p and the gradient row.
-_TEMPS_PER_ROW = 3
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 
-def _chunks(B: int, T: int, V: int) -> Iterator[Tuple[int, int, int]]:
-    """Yield ``(b, t0, t1)`` row blocks whose fp32 temporaries fit the byte budget."""
-    budget = int(os.environ.get("MINORSFT_TORCH_CHUNK_BYTES", 64 << 20))
-    rows = max(1, budget // (V * 4 * _TEMPS_PER_ROW))
+def _chunks(B: int, T: int, V: int, elem: int) -> Iterator[Tuple[int, int, int]]:
+    """Yield ``(b, t0, t1)`` row blocks of about ``MINORSFT_TORCH_CHUNK_BYTES`` of logits."""
+    budget = int(os.environ.get("MINORSFT_TORCH_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    rows = max(1, budget // (V * max(elem, 4)))
     for b in range(B):
         for t0 in range(0, T, rows):
             yield b, t0, min(T, t0 + rows)
 
 
+def _scaled(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``z / tau`` in fp32 (no copy for fp32 logits at ``tau = 1``)."""
+    z = z.float()
+    return z if temperature == 1.0 else z * (1.0 / temperature)
 
-def _row_logprobs(z: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, keep: torch.Tensor,
-                  temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[R, V]`` logits chunk -> (``[R]`` log-prob, ``[R]`` lse), fp32."""
-    z = z.float() / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    tgt = z.gather(1, y[:, None]).squeeze(1)
-    lp = torch.where(ok, tgt - lse, torch.full_like(lse, float("nan")))
-    zero = torch.zeros_like(lse)
-    return torch.where(keep, lp, zero), torch.where(keep, lse, zero)
+
+def _label_info(labels: torch.Tensor, vocab: int, ignore_index: int):
+    """``(y_safe, keep, ok)`` for all rows at once: the label as an index (0 where it is
+    none), ``label != ignore_index``, and ``0 <= label < vocab``."""
+    y = labels.long()
+    ok = (y >= 0) & (y < vocab)
+    return torch.where(ok, y, torch.zeros_like(y)), y != ignore_index, ok
+
+
+def _any(mask: torch.Tensor) -> bool:
+    """``mask.any()`` where reading it is free (CPU tensors); True elsewhere, so a CUDA
+    fallback never synchronises and simply treats every chunk as mixed."""
+    return bool(mask.any()) if mask.device.type == "cpu" else True
+
+
+def _stats(logits: torch.Tensor, y_safe: torch.Tensor, keep: torch.Tensor, temperature: float):
+    """``(lse, target logit)`` ``[B, T]`` fp32 of ``logits / tau``, chunk by chunk; a chunk
+    of masked rows only is not read (its values are discarded by the caller)."""
+    B, T = y_safe.shape
+    lse = torch.zeros((B, T), dtype=torch.float32, device=logits.device)
+    tgt = torch.zeros((B, T, 1), dtype=torch.float32, device=logits.device)
+    for b, t0, t1 in _chunks(B, T, logits.shape[-1], logits.element_size()):
+        if not _any(keep[b, t0:t1]):
+            continue
+        z = _scaled(logits[b, t0:t1], temperature)
+        torch.logsumexp(z, dim=-1, out=lse[b, t0:t1])
+        torch.gather(z, 1, y_safe[b, t0:t1, None], out=tgt[b, t0:t1])
+    return lse, tgt[..., 0]
 
 
 def logprobs_forward(
@@ -48,22 +78,46 @@ def logprobs_forward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    shift: bool = False,
+    bad_labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`minorsft.kernels.logprobs.logprobs_forward` (same shapes, same math)."""
-    B, T, V = logits.shape
-    dev = logits.device
-    lp = _alloc((B, T), torch.float32, dev)
-    lse = _alloc((B, T), torch.float32, dev)
-    ref_lp = _alloc((B, T) if ref_logits is not None else (0,), torch.float32, dev)
-    for b, t0, t1 in _chunks(B, T, V):
-        y = labels[b, t0:t1].long()
-        keep = y != ignore_index
-        ok = (y >= 0) & (y < V)
-        y = torch.where(ok, y, torch.zeros_like(y))
-        lp[b, t0:t1], lse[b, t0:t1] = _row_logprobs(logits[b, t0:t1], y, ok, keep, temperature)
-        if ref_logits is not None:
-            ref_lp[b, t0:t1] = _row_logprobs(ref_logits[b, t0:t1], y, ok, keep, temperature)[0]
-    return lp, lse, ref_lp
+    labels = scored_labels(labels, shift)
+    B, T = labels.shape
+    V = logits.shape[-1]
+    record_bad_labels(labels, V, ignore_index, bad_labels)
+    y_safe, keep, ok = _label_info(labels, V, ignore_index)
+    nan = torch.full((), float("nan"), device=logits.device)
+
+    def finish(lse, tgt):   # 0 where masked, NaN for a bad label
+        lp = torch.where(keep, torch.where(ok, tgt - lse, nan), 0.0)
+        return lp, torch.where(keep, lse, 0.0)
+
+    lp, lse = finish(*_stats(logits, y_safe, keep, temperature))
+    if ref_logits is None:
+        return lp, lse, _alloc((0,), torch.float32, logits.device)
+    return lp, lse, finish(*_stats(ref_logits, y_safe, keep, temperature))[0]
+
+
+def _grad_chunk(z: torch.Tensor, y_safe: torch.Tensor, shift_row: torch.Tensor, sign: torch.Tensor,
+                hit: torch.Tensor, dead: torch.Tensor, temperature: float, dst: torch.Tensor) -> None:
+    """``dst = coef * (onehot(y) - exp(z / tau - lse))`` for one ``[R, V]`` chunk, in place
+    in ``dst`` (fp32), in two passes over the chunk: ``exp(z / tau - shift_row)`` with
+    ``shift_row = lse - log|coef|`` is ``|coef| p`` (a row with ``coef = 0`` gives exactly
+    0), times ``sign(-coef)`` when a row needs it, plus ``hit = coef`` at the label.
+    Per-row inputs are ``[R, 1]``; ``dead`` rows (masked, zero coefficient) are exactly 0
+    even where their logits hold NaN or inf."""
+    if temperature == 1.0:
+        torch.sub(z, shift_row, out=dst)
+    else:
+        torch.mul(z, 1.0 / temperature, out=dst)
+        dst.sub_(shift_row)
+    dst.exp_()
+    if _any(sign < 0):
+        dst.mul_(sign)
+    dst.scatter_add_(1, y_safe, hit)                            # coef (1 - p) at the label
+    if _any(dead):
+        dst.masked_fill_(dead, 0.0)                             # no NaN * 0 on skipped rows
 
 
 def logprobs_backward(
@@ -74,22 +128,37 @@ def logprobs_backward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    shift: bool = False,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """See :func:`minorsft.kernels.logprobs.logprobs_backward` (same shapes, same math)."""
+    labels = scored_labels(labels, shift)
     B, T, V = logits.shape
+    T_lab = labels.shape[1]
     if out is None:
         out = _alloc((B, T, V), logits.dtype, logits.device)
-    for b, t0, t1 in _chunks(B, T, V):
-        y = labels[b, t0:t1].long()
-        g = grad_lp[b, t0:t1].float()
-        live = (y != ignore_index) & (g != 0)
-        ok = (y >= 0) & (y < V)
-        z = logits[b, t0:t1].float() / temperature
-        d = -torch.exp(z - lse[b, t0:t1, None])
-        hit = torch.where(ok, y, torch.zeros_like(y))[:, None]
-        d.scatter_add_(1, hit, ok.to(d.dtype)[:, None])   # 1 - p at the target, fp32
-        d.mul_(torch.where(live, g / temperature, torch.zeros_like(g))[:, None])
-        d.masked_fill_(~live[:, None], 0.0)               # no NaN * 0 on skipped rows
-        out[b, t0:t1] = d.to(out.dtype)
+    if T_lab < T:
+        out[:, T_lab:].zero_()          # positions without a label (the last one with shift)
+    y_safe, keep, ok = _label_info(labels, V, ignore_index)
+    g = grad_lp.float()
+    live = keep & (g != 0)
+    coef = torch.where(live, g * (1.0 / temperature), 0.0)
+    rows = dict(y_safe=y_safe[..., None], shift_row=(lse - coef.abs().log())[..., None],
+                sign=torch.where(coef > 0, -1.0, 1.0)[..., None],
+                hit=torch.where(ok, coef, 0.0)[..., None], dead=~live[..., None])
+    scratch = None
+    for b, t0, t1 in _chunks(B, T_lab, V, logits.element_size()):
+        chunk = {k: v[b, t0:t1] for k, v in rows.items()}
+        dst = out[b, t0:t1]
+        if not _any(live[b, t0:t1]):
+            dst.zero_()                  # masked or zero-coefficient rows: nothing to read
+            continue
+        z = logits[b, t0:t1].float()
+        if dst.dtype != torch.float32:   # fp32 scratch, rounded once into the output
+            if scratch is None or scratch.shape[0] < t1 - t0:
+                scratch = torch.empty((t1 - t0, V), dtype=torch.float32, device=logits.device)
+            _grad_chunk(z, dst=scratch[: t1 - t0], temperature=temperature, **chunk)
+            dst.copy_(scratch[: t1 - t0])
+        else:
+            _grad_chunk(z, dst=dst, temperature=temperature, **chunk)
     return out

@@ -12,8 +12,9 @@ optional: importing it needs ``transformers``; :class:`FusedDPOTrainer` also nee
 - :class:`FusedDPOTrainer` -- TRL's ``DPOTrainer`` with its loss hook replaced by
   ``minor_dpo`` (default) or ``dpo`` (``sigmoid`` / ``ipo`` / ``hinge`` / ``robust``),
   keeping TRL's data pipeline, reference handling and metric names.
-- :func:`causal_lm_loss` -- the shared step: aligns Hugging Face style outputs
-  (``logits[:, :-1]`` predicts ``labels[:, 1:]``) and calls the public loss.
+- :func:`causal_lm_loss` -- the shared step: Hugging Face style outputs and labels into
+  the public loss with ``shift=True`` (position ``t`` predicts label ``t + 1``; the logits
+  are never sliced).
 
 Metrics are kept as detached tensors and only read on the host when the trainer
 logs, so a training step adds no host synchronisation of its own.
@@ -55,7 +56,8 @@ def causal_lm_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor, *,
         **options: passed on to the loss (``beta``, ``length_norm``, ``loss_type``,
             ``label_smoothing``, ``ignore_index``, ``temperature``, ``backend``, ...).
 
-    The shift is a strided view, ``logits[:, :-1]`` and ``labels[:, 1:]``: no copy.
+    The shift is the loss's own (``shift=True``): no slice of the logits, so autograd
+    allocates no second vocabulary-sized gradient.
     DPO-family batches hold ``B/2`` chosen rows then ``B/2`` rejected rows.
 
     Returns:
@@ -64,12 +66,34 @@ def causal_lm_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor, *,
     """
     check_choice("loss", loss, LOSSES)
     if ref_logits is not None:
-        ref_logits = ref_logits[:, :-1].to(logits.device)
+        ref_logits = ref_logits.to(logits.device)
     if ref_logprobs is not None:
         ref_logprobs = ref_logprobs.to(logits.device)
-    return ms.fused_loss(loss, logits[:, :-1], labels[:, 1:], ref_logits=ref_logits,
-                         ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
-                         return_metrics=True, **options)
+    return ms.fused_loss(loss, logits, labels, ref_logits=ref_logits, ref_logprobs=ref_logprobs,
+                         num_items_in_batch=num_items_in_batch, return_metrics=True, shift=True,
+                         **options)
+
+
+class _LabelErrorLog:
+    """Each loss call's label flag (``ms.take_label_errors``: device tensors, no host sync)
+    with its step, read in one synchronisation when the trainer logs: a label that is no
+    token stops training with an error naming the step and the value."""
+
+    def __init__(self, device):
+        self.pending = []
+        ms.take_label_errors(device)   # the trainer reports its own bad labels only
+
+    def add(self, step: int, device) -> None:
+        self.pending.append((step, ms.take_label_errors(device)))
+
+    def check(self, gather) -> None:
+        if not self.pending:
+            return
+        steps, errors = zip(*self.pending)
+        self.pending = []
+        rows = gather(torch.stack(errors)).tolist()        # every rank's flags: all raise
+        for i, row in enumerate(rows):
+            ms.raise_label_errors(row, f"step {steps[i % len(steps)]}")
 
 
 def _host_means(pending: Dict[str, list], gather) -> Dict[str, float]:
@@ -119,8 +143,8 @@ class FusedLossTrainer(transformers.Trainer):
         given = dict(beta=beta, length_norm=length_norm, loss_type=loss_type,
                      label_smoothing=label_smoothing)
         spec = ms.losses.get_loss(loss)
-        # check_labels=False: the label-range check is a host sync per step; an
-        # out-of-range label still shows as a NaN loss (the kernels never read out of bounds).
+        # check_labels=False: the label-range check is a host sync per step; the label
+        # flag is read when the trainer logs instead (_LabelErrorLog).
         options: Dict[str, Any] = {"temperature": check_positive("temperature", temperature),
                                    "backend": backend, "check_labels": False}
         options.update(ms.losses.check_options(loss, {k: given[k] for k in spec.options}))
@@ -141,6 +165,7 @@ class FusedLossTrainer(transformers.Trainer):
         # per-micro-batch mean by the accumulation steps.
         self.model_accepts_loss_kwargs = spec.token_level
         self._fused_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._label_errors = _LabelErrorLog(self.args.device)
 
     def _refuse_row_splitting(self) -> None:
         """A DPO batch is ``[chosen...; rejected...]``: accelerate must not slice one
@@ -195,10 +220,13 @@ class FusedLossTrainer(transformers.Trainer):
         mode = "train" if self.model.training else "eval"
         for key, value in metrics.items():
             self._fused_metrics[mode][key].append(value)
+        self._label_errors.add(self.state.global_step + (mode == "train"), loss.device)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
-        """Add the loss metrics averaged since the last log (``eval_`` prefixed in evaluation)."""
+        """Add the loss metrics averaged since the last log (``eval_`` prefixed in evaluation);
+        raise if a label since the last log was no token (naming its step)."""
+        self._label_errors.check(self.accelerator.gather)
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         means = _host_means(self._fused_metrics[mode], self.accelerator.gather)
@@ -277,6 +305,7 @@ class _FusedDPOMixin:
         self.fused_loss = loss
         self.fused_options = self._fused_options_from_config(loss, backend)
         self._pending_tokens = []
+        self._label_errors = _LabelErrorLog(self.args.device)
 
     def _fused_options_from_config(self, loss: str, backend) -> Dict[str, Any]:
         loss_types = list(self.loss_types)
@@ -335,10 +364,13 @@ class _FusedDPOMixin:
             self._metrics[mode][key].append(value)
         if mode == "train":
             self._pending_tokens.append(inputs["attention_mask"].sum())
+        self._label_errors.add(self.state.global_step + (mode == "train"), loss.device)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        """Turn the step tensors into floats (one sync per logging interval), then TRL's log."""
+        """Turn the step tensors into floats (one sync per logging interval), then TRL's log;
+        raise if a label since the last log was no token (naming its step)."""
+        self._label_errors.check(self.accelerator.gather)
         mode = "train" if self.model.training else "eval"
         pending = {k: v for k, v in self._metrics[mode].items() if v and torch.is_tensor(v[0])}
         for key, value in _host_means(pending, self.accelerator.gather).items():

@@ -19,7 +19,7 @@ Row formats (one JSON object per line, or a ``datasets`` dataset saved with
   each of ``prompt + chosen`` and ``prompt + rejected`` tokenised as above.
 
 Labels use Hugging Face's convention: ``labels[t] = input_ids[t]`` on trained tokens,
-``-100`` elsewhere; the trainer shifts them (``logits[:, :-1]`` against ``labels[:, 1:]``).
+``-100`` elsewhere; the losses shift them (``shift=True``: position ``t`` predicts label ``t + 1``).
 Responses longer than ``max_length`` are truncated from the right; a prompt that leaves
 no room for a response token is a bad row, and so is a row whose first response token
 would sit at position 0 (empty prompt, no BOS: no logit predicts it). A bad row raises :class:`DataError` naming

@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+import minorsft as ms
 from minorsft.train import data as D
 from minorsft.train import reference as R
 from minorsft.train.checkpoint import (check_resume_config, check_resume_data, load_training_state,
@@ -103,6 +104,7 @@ class Run:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.device = select_device(self.cfg.device, self.dist)
+        ms.take_label_errors(self.device)         # the run reports its own bad labels only
         self._setup_out_dir()
         self._setup_data(resume_state)           # a bad row is refused before any model is built
         model = self._setup_model()
@@ -147,7 +149,7 @@ class Run:
     def _setup_model(self):
         model, _ = load_model_and_tokenizer(self.cfg.model, tiny_seed=self.cfg.tiny_seed)
         model.to(self.device)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        self.vocab = vocab = model.get_output_embeddings().weight.shape[0]
         for name, ds in (("data", self.train_ds), ("eval_data", self.eval_ds)):
             if ds is not None and D.max_token_id(ds) >= vocab:
                 raise ConfigError(name, f"token id {D.max_token_id(ds)} >= the model's vocabulary "
@@ -168,7 +170,7 @@ class Run:
         cfg = self.cfg
         if not cfg.uses_reference():
             return R.ReferenceSetup()
-        return R.setup_reference(
+        ref = R.setup_reference(
             model, (self.train_ds, self.eval_ds), precompute=cfg.precompute_ref,
             dtype=DTYPES[cfg.ref_dtype] if cfg.ref_dtype else None,
             device=torch.device(cfg.ref_device) if cfg.ref_device else self.device,
@@ -177,6 +179,8 @@ class Run:
             cache_dir=cfg.ref_cache_dir or os.path.join(cfg.out_dir, "ref-cache"),
             temperature=cfg.temperature, backend=cfg.backend, autocast_dtype=self.autocast_dtype,
             main=self.dist.main, barrier=self.dist.barrier, log=lambda m: say(self.dist.main, m))
+        ms.check_label_errors(self.device, "the reference precomputation", self.vocab)
+        return ref
 
     def _setup_policy(self, model, resume_path) -> None:
         if resume_path is not None:  # the policy continues from the checkpoint's weights
@@ -223,7 +227,7 @@ class Run:
                    disable=not (cfg.progress and self.dist.main), desc=cfg.run_name or cfg.loss,
                    file=sys.stderr)
         logger = StepLogger(self.log, keys, world=self.dist.world, device=self.device, bar=bar,
-                            print_steps=cfg.print_steps)
+                            print_steps=cfg.print_steps, vocab=self.vocab)
         step, last_ckpt = self.start_step, None
         for step in range(self.start_step + 1, self.total_steps + 1):
             record, tokens = self._train_step(step, keys)
@@ -275,7 +279,9 @@ class Run:
         if cfg.dump_grads and step == self.start_step + 1:
             _dump_grads(cfg.dump_grads, self.unwrapped, dist)
         lr = self.scheduler.get_last_lr()[0]   # the rate this step uses
-        return StepRecord(step, step_loss, self._optimizer_step(), lr, step_metrics), tokens
+        record = StepRecord(step, step_loss, self._optimizer_step(), lr, step_metrics,
+                            label_errors=ms.take_label_errors(self.device))   # read at the flush
+        return record, tokens
 
     def _micro_step(self, examples, *, last: bool, num_items, denom):
         """Forward and backward of this rank's share of one micro-batch."""
@@ -322,6 +328,7 @@ class Run:
                        device=self.device, ref_model=self.reference.model,
                        ref_table=self.reference.eval_table, tokenizer=self.tokenizer,
                        generate=cfg.eval_generate, autocast=self.autocast)
+        ms.check_label_errors(self.device, f"the evaluation at step {step}", self.vocab)
         self.log.add_eval(step, res)
         say(self.dist.main, "eval  step %4d  " % step + "  ".join(f"{k}={v:.4f}" for k, v in res.items()))
         return res

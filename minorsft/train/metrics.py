@@ -11,19 +11,22 @@ from typing import Dict, List, Optional
 
 import torch
 
+import minorsft as ms
 from minorsft.train.checkpoint import atomic_write
 
 
 @dataclass
 class StepRecord:
-    """One optimiser step before it is logged: the summed loss, the gradient norm and
-    the loss's progress metrics as device tensors (no sync), and the learning rate."""
+    """One optimiser step before it is logged: the summed loss, the gradient norm, the
+    loss's progress metrics and the label flag (``ms.take_label_errors``: bad-label count,
+    one value) as device tensors (no sync), and the learning rate."""
 
     step: int
     loss: torch.Tensor
     grad_norm: torch.Tensor
     lr: float
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    label_errors: Optional[torch.Tensor] = None
 
 
 def peak_memory_gb(device) -> float:
@@ -83,8 +86,10 @@ class StepLogger:
     """Collects :class:`StepRecord` s and flushes them at log intervals: one stacked
     tensor read per flush (summed over ranks for the loss, averaged for the rest)."""
 
-    def __init__(self, log: MetricsLog, metric_keys, *, world: int, device, bar, print_steps=False):
+    def __init__(self, log: MetricsLog, metric_keys, *, world: int, device, bar, print_steps=False,
+                 vocab: Optional[int] = None):
         self.log, self.keys, self.world, self.device = log, list(metric_keys), world, device
+        self.vocab = vocab
         self.bar, self.print_steps = bar, print_steps
         self.pending: List[StepRecord] = []
         self.tokens, self.t_last = 0, time.perf_counter()
@@ -94,22 +99,37 @@ class StepLogger:
         self.tokens += tokens
 
     def _read(self) -> list:
-        vals = torch.stack([torch.stack([p.loss, p.grad_norm] + [p.metrics[k] for k in self.keys]).double()
+        """One host read of every pending value: ``[loss, grad_norm, *metrics, bad labels,
+        a bad label]`` per record."""
+        zero = torch.zeros(2, dtype=torch.int64, device=self.device)
+        vals = torch.stack([torch.cat([torch.stack([p.loss, p.grad_norm] + [p.metrics[k] for k in self.keys]),
+                                       (p.label_errors if p.label_errors is not None else zero).to(p.loss)]).double()
                             for p in self.pending])
-        if self.world > 1:  # loss parts sum over ranks; grad norm (equal) and metrics average
+        if self.world > 1:  # loss parts and label counts sum over ranks; the rest averages
             torch.distributed.all_reduce(vals)
-            vals[:, 1:] /= self.world
+            vals[:, 1:-2] /= self.world
         return vals.tolist()
 
     def flush(self) -> None:
+        """Write the pending records; ``ValueError`` at the first step whose labels held a
+        value that is no token (the records before it are written first)."""
         if not self.pending:
             return
-        rows = self._read()
+        records, rows = self.pending, self._read()
+        self.pending = []
+        bad = next((i for i, row in enumerate(rows) if row[-2]), None)
+        self._write(records[:bad], rows[:bad])
+        if bad is not None:
+            ms.raise_label_errors(rows[bad][-2:], f"step {records[bad].step}", self.vocab)
+
+    def _write(self, records: List[StepRecord], rows: list) -> None:
+        if not records:
+            return
         now = time.perf_counter()
         tps = self.tokens * self.world / max(now - self.t_last, 1e-9)
         self.tokens, self.t_last = 0, now
         mem = peak_memory_gb(self.device)
-        for p, row in zip(self.pending, rows):
+        for p, row in zip(records, rows):
             rec = {"split": "train", "step": p.step, "loss": row[0], "grad_norm": row[1], "lr": p.lr}
             rec.update({k: row[2 + i] for i, k in enumerate(self.keys)})
             rec.update({"tokens_per_s": tps, "peak_mem_gb": mem})
@@ -118,7 +138,6 @@ class StepLogger:
             if self.print_steps:
                 say(self.log.main, "train step %4d  loss=%.4f" % (rec["step"], rec["loss"]) + "".join(
                     f"  {k}={rec[k]:.4f}" for k in ("deviation", "rewards/accuracies") if k in rec))
-        self.pending.clear()
         self._postfix(self.log.history[-1], tps, mem)
 
     def _postfix(self, last: dict, tps: float, mem: float) -> None:

@@ -80,8 +80,8 @@ def sequence_logprobs(model, batch: dict, *, temperature: float = 1.0, backend=N
     with ctx:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits
-    lp = ms.token_logprobs(logits[:, :-1], batch["labels"][:, 1:], temperature=temperature, backend=backend,
-                           check_labels=False)
+    lp = ms.token_logprobs(logits, batch["labels"], temperature=temperature, backend=backend,
+                           check_labels=False, shift=True)
     return lp.float().sum(-1)
 
 

@@ -92,21 +92,22 @@ def _head(model, dtype, device):
 
 def policy_and_reference(setup: LossSetup, model, unwrapped, ref_model, fwd: dict):
     """``(call, tensors, ref_tensors)``: the library loss to call (``ms.fused_loss`` or
-    ``ms.linear_fused_loss``), the policy's tensors for it (shifted by one position) and
-    the reference's keyword tensors (empty without a live reference model)."""
+    ``ms.linear_fused_loss``), the policy's full-length tensors for it (the call takes
+    ``shift=True``: no vocabulary-sized slice) and the reference's keyword tensors (empty
+    without a live reference model)."""
     ref_kw = {}
     if not setup.fused_linear:
-        logits = model(**fwd).logits[:, :-1]
+        logits = model(**fwd).logits
         if ref_model is not None:
             with torch.no_grad():
-                ref = ref_model(**_on(fwd, ref_model)).logits[:, :-1]
-            ref_kw["ref_logits"] = ref.to(device=logits.device, dtype=logits.dtype)
+                ref = ref_model(**_on(fwd, ref_model)).logits
+            ref_kw["ref_logits"] = ref.to(logits.device)   # any float dtype: no cast, no copy
         return ms.fused_loss, (logits,), ref_kw
-    hidden = hidden_states(model, unwrapped, fwd)[:, :-1]
+    hidden = hidden_states(model, unwrapped, fwd)
     weight, bias = _head(unwrapped, hidden.dtype, hidden.device)
     if ref_model is not None:
         with torch.no_grad():
-            rh = hidden_states(ref_model, ref_model, _on(fwd, ref_model))[:, :-1]
+            rh = hidden_states(ref_model, ref_model, _on(fwd, ref_model))
             rh = rh.to(device=hidden.device, dtype=hidden.dtype)
             rw, rb = _head(ref_model, rh.dtype, rh.device)
         ref_kw = {"ref_hidden": rh, "ref_weight": rw, "ref_bias": rb}
@@ -117,9 +118,16 @@ def _token_fn(setup: LossSetup):
     return ms.linear_token_logprobs if setup.fused_linear else ms.token_logprobs
 
 
+def _common(setup: LossSetup) -> dict:
+    """Options of every library call of a step: Hugging Face labels (``shift``), and no
+    eager label check (a host sync): the loop reads the label flag when it logs."""
+    return dict(backend=setup.backend, temperature=setup.temperature, check_labels=False,
+                shift=True)
+
+
 def _deviation(setup: LossSetup, ref_kw: dict, labels, lp_policy, ref_logps):
     """The MinorSFT deviation metric of an SFT step (detached, no gradient)."""
-    common = dict(backend=setup.backend, temperature=setup.temperature, check_labels=False)
+    common = _common(setup)
     with torch.no_grad():
         if ref_kw:
             if "ref_logits" in ref_kw:
@@ -127,7 +135,7 @@ def _deviation(setup: LossSetup, ref_kw: dict, labels, lp_policy, ref_logps):
             else:
                 rargs, rkw = (ref_kw["ref_hidden"], ref_kw["ref_weight"]), {"bias": ref_kw["ref_bias"]}
             ref_logps = _token_fn(setup)(*rargs, labels, **rkw, **common).sum(-1)
-        _, m = ms.loss_from_token_logprobs("minor_sft", lp_policy.detach(), labels != D.IGNORE_INDEX,
+        _, m = ms.loss_from_token_logprobs("minor_sft", lp_policy.detach(), labels[:, 1:] != D.IGNORE_INDEX,
                                            ref_seq_logps=ref_logps, return_metrics=True)
     return m["deviation"]
 
@@ -137,24 +145,24 @@ def compute_loss(setup: LossSetup, model, batch: dict, *, ref_model=None, ref_lo
     """Forward the policy (and the reference) on ``batch`` and return ``(loss, metrics)``.
 
     ``batch``: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` on the device
-    (for pairs ``B = 2P``, chosen rows first). Labels are shifted here: position ``t``
-    predicts ``labels[:, t + 1]``. ``ref_logps``: ``[B]`` precomputed per-sequence
+    (for pairs ``B = 2P``, chosen rows first), Hugging Face labels: position ``t``
+    predicts ``labels[:, t + 1]`` (the library's ``shift=True``). ``ref_logps``: ``[B]`` precomputed per-sequence
     reference sums (or None with ``ref_model``). ``sft`` divides by ``num_items`` (global
     label tokens); the others reduce with ``reduction`` and divide by ``denom``.
     ``unwrapped``: the model under a DDP wrapper (for the fused linear path).
     Metrics are detached tensors (no host sync): the loss's metrics (for ``sft`` with a
     reference, the deviation).
     """
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"]
     fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     live_ref = ref_model if (setup.spec.reference or setup.track_deviation) and ref_logps is None else None
     call, tensors, kw = policy_and_reference(setup, model, unwrapped or model, live_ref, fwd)
-    common = dict(backend=setup.backend, temperature=setup.temperature, check_labels=False)
+    common = _common(setup)
     if setup.spec.token_level:
         ref_kw = {k: v for k, v in kw.items() if k.startswith("ref_")}
         kw = {k: v for k, v in kw.items() if not k.startswith("ref_")}
         lp = _token_fn(setup)(*tensors, labels, **kw, **common)
-        loss = ms.loss_from_token_logprobs(setup.loss, lp, labels != D.IGNORE_INDEX,
+        loss = ms.loss_from_token_logprobs(setup.loss, lp, labels[:, 1:] != D.IGNORE_INDEX,
                                            reduction="mean" if reduction == "sum" else reduction,
                                            num_items_in_batch=num_items)
         metrics = {}

@@ -61,9 +61,10 @@ def test_inductor_compile_cpu(device):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("shift", [False, True])
+def test_opcheck(device, shift):
     be = _backend_for_compile()
     logits, labels = make_batch(2, 5, 130, torch.float32, device)
     logits.requires_grad_(True)
     torch.library.opcheck(torch.ops.minorsft.token_logprobs.default,
-                          (logits, labels, None, -100, 1.0, be, False))
+                          (logits, labels, None, -100, 1.0, be, False, shift))

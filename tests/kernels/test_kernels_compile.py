@@ -59,7 +59,8 @@ def _compile(kernel, target, *, ptrs, consts, floats=(), int_type="i32", num_war
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("has_ref", [False, True])
 @pytest.mark.parametrize("split", [False, True])
-def test_logprobs_forward_compiles(target, dtype, has_ref, split):
+@pytest.mark.parametrize("flag", [False, True])
+def test_logprobs_forward_compiles(target, dtype, has_ref, split, flag):
     from minorsft.kernels import logprobs as K
     f32 = "*fp32"
     ptrs = {
@@ -69,8 +70,9 @@ def test_logprobs_forward_compiles(target, dtype, has_ref, split):
         "part_ptr": f32 if split else None, "tgt_ptr": f32 if split else None,
         "ref_part_ptr": f32 if split and has_ref else None,
         "ref_tgt_ptr": f32 if split and has_ref else None,
+        "flag_ptr": "*i64" if flag else None,
     }
-    consts = {"HAS_REF": has_ref, "SPLIT": split, "BLOCK_V": K.DEFAULT_BLOCK_V}
+    consts = {"HAS_REF": has_ref, "SPLIT": split, "HAS_FLAG": flag, "BLOCK_V": K.DEFAULT_BLOCK_V}
     for int_type in ("i32", "i64"):
         _compile(K._logprobs_fwd_kernel, TARGETS[target], ptrs=ptrs, consts=consts,
                  floats=("scale2",), int_type=int_type, num_warps=K.DEFAULT_NUM_WARPS)
@@ -79,13 +81,18 @@ def test_logprobs_forward_compiles(target, dtype, has_ref, split):
 @pytest.mark.parametrize("target", TARGETS, ids=str)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_logprobs_backward_compiles(target, dtype):
+    """The GPU build rounds with the hardware conversion (HAND_ROUND=False); the hand
+    rounding of the interpreter must compile too."""
     from minorsft.kernels import logprobs as K
     ptrs = {"logits_ptr": PTR[dtype], "labels_ptr": "*i32", "lse_ptr": "*fp32",
             "glp_ptr": "*fp32", "grad_ptr": PTR[dtype]}
-    for int_type in ("i32", "i64"):
-        _compile(K._logprobs_bwd_kernel, TARGETS[target], ptrs=ptrs,
-                 consts={"BLOCK_V": K.DEFAULT_BLOCK_V}, floats=("scale2", "inv_temp"),
-                 int_type=int_type, num_warps=K.DEFAULT_NUM_WARPS)
+    for int_type, hand in (("i32", False), ("i64", False), ("i64", True)):
+        compiled = _compile(K._logprobs_bwd_kernel, TARGETS[target], ptrs=ptrs,
+                            consts={"BLOCK_V": K.DEFAULT_BLOCK_V, "HAND_ROUND": hand},
+                            floats=("scale2", "inv_temp"), int_type=int_type,
+                            num_warps=K.DEFAULT_NUM_WARPS)
+        if dtype == "bf16" and not hand:   # the native conversion: cvt.rn(.satfinite).bf16.f32
+            assert "cvt.rn" in compiled.asm["ptx"] and "bf16.f32" in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
