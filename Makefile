@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench bench-cpu clean
+.PHONY: test demo bench bench-cpu bench-torch-cpu clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 bench-cpu: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m benchmarks.bench_logprobs --tiny --cpu-reps 1
 	$(PY) -m benchmarks.plot
+
+# The PyTorch backend on this CPU against eager and torch.compile (performance figures of the CPU).
+bench-torch-cpu: $(STAMP)
+	$(PY) -m benchmarks.bench_logprobs --cpu --cpu-reps 5
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache

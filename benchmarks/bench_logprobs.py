@@ -14,7 +14,14 @@ with precomputed reference token log-probs (the 8V and 6V byte floors of SPEC.md
 
 Providers (``--providers``):
 - ``minorsft``: ``ms.token_logprobs`` / ``ms.sft_loss`` / ``ms.minor_sft_loss`` / ...
-- ``minorsft_inplace``: the same with ``inplace_backward=True`` (losses, ``fwd_bwd`` only)
+- ``minorsft_shift``: the drop-in as users call it: the same functions on the model's
+  full logits with Hugging Face labels (``shift=True``: position ``t`` scored against
+  label ``t + 1``, so ``T - 1`` positions a sequence are scored; checked against the eager
+  formula on ``logits[:, :-1]``, ``labels[:, 1:]``)
+- ``minorsft_inplace``: ``inplace_backward=True`` (losses, ``fwd_bwd`` only) on logits
+  produced by a layer, as in training (a non-leaf whose gradient the layer consumes: a
+  leaf would make autograd clone the gradient). The "layer" is a no-op autograd node over
+  a buffer refilled from the inputs before every call, outside the timed region.
 - ``eager``: fp32 ``log_softmax`` + ``gather`` + loss (``benchmarks/eager.py``)
 - ``compile``: ``torch.compile`` of that same eager function
 - ``liger``: Liger-Kernel's ``LigerCrossEntropyLoss`` (``sft`` only)
@@ -55,11 +62,13 @@ ALL_CASES = BASE_CASES + REFLOGPS_CASES
 # --goal runs every case, the issue-4 goal cases first (a time budget may cut the tail)
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps", "sft", "token_logprobs",
               "dpo", "dpo_reflogps")
-PROVIDERS = ("minorsft", "minorsft_inplace", "eager", "compile", "liger", "trl")
+PROVIDERS = ("minorsft", "minorsft_shift", "minorsft_inplace", "eager", "compile", "liger", "trl")
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384, 65536)
 FP32_SHAPE = (128256, 4096)           # (vocab, tokens): the one fp32 shape
 GOAL_SHAPE = (128256, 16384)          # issue 4 goals: bf16, fwd_bwd
+CPU_SHAPE = (32000, 8192)             # --cpu: the PyTorch backend vs eager / compile, fp32
+CPU_CASES = ("minor_sft", "sft")
 TINY_VOCABS = (1000, 3001)
 TINY_TOKENS = (64,)
 TINY_FP32_SHAPE = (1000, 64)
@@ -130,24 +139,28 @@ def input_bytes(case: str, tokens: int, vocab: int, elem: int) -> int:
 
 # --------------------------------------------------------------------------- reference
 @torch.no_grad()
-def reference_output(case: str, inp: Inputs, max_chunk_bytes: int = 2**30) -> torch.Tensor:
+def reference_output(case: str, inp: Inputs, max_chunk_bytes: int = 2**30,
+                     shift: bool = False) -> torch.Tensor:
     """The case's output (token log-probs ``[B, T]`` or the scalar loss) computed with the
     eager fp32 formula sequence-chunk by sequence-chunk, so that it fits in memory where
-    the unchunked eager provider does not."""
+    the unchunked eager provider does not. ``shift``: the output of the ``shift=True``
+    call, i.e. of ``logits[:, :-1]`` against ``labels[:, 1:]``."""
     b, t, v = inp.logits.shape
     rows = max(1, min(b, max_chunk_bytes // max(1, t * v * 4)))
+    labels = inp.labels[:, 1:] if shift else inp.labels
+    cut = (lambda x: x[:, :-1]) if shift else (lambda x: x)
 
     def tok_of(x):
-        parts = [eager.token_logprobs(x[i:i + rows], inp.labels[i:i + rows])[0] for i in range(0, b, rows)]
+        parts = [eager.token_logprobs(cut(x[i:i + rows]), labels[i:i + rows])[0] for i in range(0, b, rows)]
         return torch.cat(parts, 0)
 
     tok = tok_of(inp.logits.detach())
-    mask = inp.labels != eager.IGNORE_INDEX
+    mask = labels != eager.IGNORE_INDEX
     ref_tok = None
     if inp.ref_logits is not None:
         ref_tok = tok_of(inp.ref_logits)
     elif inp.ref_logprobs is not None:
-        ref_tok = inp.ref_logprobs
+        ref_tok = cut(inp.ref_logprobs)
     return eager.loss_from_token_logprobs(base_case(case), tok, mask, ref_tok, BETA)
 
 
@@ -178,6 +191,30 @@ def applicable(provider: str, case: str, mode: str) -> bool:
     if provider == "minorsft_inplace":
         return case != "token_logprobs" and mode == "fwd_bwd"
     return True
+
+
+class _Layer(torch.autograd.Function):
+    """A stand-in for the layer that produces the logits in training: its output is
+    ``buf`` (no copy, a non-leaf), and its backward consumes the gradient (drops it), so
+    an in-place gradient is never cloned the way a leaf's would be."""
+
+    @staticmethod
+    def forward(ctx, anchor, buf):
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def _from_layer(inp: Inputs):
+    """``(logits_fn, setup, leaves)`` for layer-fed logits: a buffer refilled from the
+    inputs by ``setup`` (untimed), behind a :class:`_Layer` node."""
+    buf = torch.empty_like(inp.logits, requires_grad=False)
+    anchor = torch.zeros((), device=inp.logits.device, requires_grad=True)
+    setup = lambda: buf.copy_(inp.logits.detach())   # noqa: E731
+    setup()
+    return (lambda: _Layer.apply(anchor, buf)), setup, [anchor]
 
 
 def _eager_token_logprobs(logits, labels):
@@ -211,7 +248,7 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
         ref = {"ref_logprobs": inp.ref_logprobs}
     logits, labels = inp.logits, inp.labels
 
-    if provider in ("minorsft", "minorsft_inplace"):
+    if provider in ("minorsft", "minorsft_shift", "minorsft_inplace"):
         try:
             import minorsft as ms
             fn = {"token_logprobs": ms.token_logprobs, "sft": ms.sft_loss, "minor_sft": ms.minor_sft_loss,
@@ -221,10 +258,17 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
         kw = dict(ref)
         if base in U.REF_LOGITS_CASES:
             kw["beta"] = BETA
-        if provider == "minorsft_inplace":
-            kw["inplace_backward"] = True
         if no_label_check:
             kw["check_labels"] = False
+        if provider == "minorsft_shift":
+            if "ref_logprobs" in kw:
+                kw["ref_logprobs"] = kw["ref_logprobs"][:, :-1]   # one per scored position
+            return lambda: fn(logits, labels, shift=True, **kw)
+        if provider == "minorsft_inplace":
+            make_logits, setup, leaves = _from_layer(inp)
+            run = lambda: fn(make_logits(), labels, inplace_backward=True, **kw)  # noqa: E731
+            run.setup, run.leaves = setup, leaves
+            return run
         return lambda: fn(logits, labels, **kw)
 
     if provider in ("eager", "compile"):
@@ -271,52 +315,105 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
 
 
 # --------------------------------------------------------------------------- measuring
-def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: torch.Tensor,
+def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Tensor],
             device: torch.device, args) -> Tuple[Optional[List[float]], Optional[float], Optional[str]]:
-    """``(times [median, p20, p80], peak MiB, error)`` of one provider/case/mode."""
+    """``(times [median, p20, p80], peak MiB, error)`` of one provider/case/mode;
+    ``ref_out``: the reference output without and with ``shift`` (key ``True``)."""
     try:
         fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
     except Unavailable as exc:
         return None, None, f"unavailable: {exc}"[:300]
-    g = inp.grad_out if base_case(case) == "token_logprobs" else None
-    return time_mode(fn_fwd, mode, [inp.logits], g, ref_out, device, args)
+    shift = provider == "minorsft_shift"
+    g = inp.grad_out[:, :-1] if shift else inp.grad_out
+    g = g if base_case(case) == "token_logprobs" else None
+    leaves = getattr(fn_fwd, "leaves", [inp.logits])
+    return time_mode(fn_fwd, mode, leaves, g, ref_out[shift], device, args,
+                     setup=getattr(fn_fwd, "setup", None))
+
+
+def prepared(fn_fwd: Callable[[], torch.Tensor], mode: str, g: Optional[torch.Tensor],
+             ref_out: torch.Tensor, rtol: float = 1e-3,
+             setup: Optional[Callable[[], object]] = None) -> Tuple[Optional[Callable], Optional[str]]:
+    """``(fn, error)``: check ``fn_fwd()`` against ``ref_out`` (one warm-up call, compiles
+    included), then the zero-argument call that ``mode`` times; ``error`` if it disagrees."""
+    if setup is not None:
+        setup()
+    out = fn_fwd()
+    bad = check_close(out, ref_out, rtol)
+    if bad:
+        return None, bad
+    if mode == "fwd":
+        return fn_fwd, None
+    if mode == "bwd":
+        out.backward(g, retain_graph=True)    # warm the backward
+        return (lambda: out.backward(g, retain_graph=True)), None
+    out.backward(g)
+    return (lambda: fn_fwd().backward(g)), None
 
 
 def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.Tensor],
               g: Optional[torch.Tensor], ref_out: torch.Tensor, device: torch.device,
-              args, rtol: float = 1e-3) -> Tuple[Optional[List[float]], Optional[float], Optional[str]]:
+              args, rtol: float = 1e-3,
+              setup: Optional[Callable[[], object]] = None) -> Tuple[Optional[List[float]], Optional[float], Optional[str]]:
     """Check ``fn_fwd()`` against ``ref_out``, then time ``mode`` and measure its peak memory.
 
     ``leaves``: the tensors that receive gradients (their ``.grad`` is reset before every
-    call); ``g``: the upstream gradient of a non-scalar output (``None`` for a loss).
+    call); ``g``: the upstream gradient of a non-scalar output (``None`` for a loss);
+    ``setup``: run untimed before every call (refills what an in-place call overwrote).
     Exceptions (OOM included) become the error string.
     """
     try:
-        out = fn_fwd()                        # warm-up (and compile), then check the value
-        bad = check_close(out, ref_out, rtol)
+        fn, bad = prepared(fn_fwd, mode, g, ref_out, rtol, setup)
         if bad:
             return None, None, bad
-        if mode == "fwd":
-            del out
-            fn = fn_fwd
-        elif mode == "bwd":
-            out.backward(g, retain_graph=True)    # warm the backward
-            fn = lambda: out.backward(g, retain_graph=True)  # noqa: E731
-        else:
-            out.backward(g)
-            del out
-            fn = lambda: fn_fwd().backward(g)  # noqa: E731
         for t in leaves:
             t.grad = None
         times = U.bench_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, grad_to_none=leaves,
-                           cpu_reps=args.cpu_reps)
-        peak = U.peak_mem_delta_mib(fn, device, grad_to_none=leaves)
+                           cpu_reps=args.cpu_reps, setup=setup)
+        peak = U.peak_mem_delta_mib(fn, device, grad_to_none=leaves, setup=setup)
         return times, peak, None
     except Exception as exc:  # noqa: BLE001 - a failing provider is a result, not a crash
         return None, None, U.error_text(exc)
     finally:
         for t in leaves:
             t.grad = None
+
+
+def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Tensor], args) -> Dict[str, tuple]:
+    """``{provider: (times, error)}`` on the CPU, the providers timed round-robin (one call
+    each per round, ``cpu_reps`` rounds after a warm-up round), so that a change of load
+    on a shared machine falls on all of them alike. Each is checked first."""
+    calls, out = {}, {}
+    for provider in args.providers:
+        if not applicable(provider, case, mode):
+            continue
+        try:
+            fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
+            shift = provider == "minorsft_shift"
+            g = (inp.grad_out[:, :-1] if shift else inp.grad_out) if base_case(case) == "token_logprobs" else None
+            fn, bad = prepared(fn_fwd, mode, g, ref_out[shift], setup=getattr(fn_fwd, "setup", None))
+        except Unavailable as exc:
+            fn, bad = None, f"unavailable: {exc}"[:300]
+        except Exception as exc:  # noqa: BLE001
+            fn, bad = None, U.error_text(exc)
+        if bad:
+            out[provider] = (None, bad)
+        else:
+            calls[provider] = (fn, getattr(fn_fwd, "setup", None), getattr(fn_fwd, "leaves", [inp.logits]))
+    times = {p: [] for p in calls}
+    for rnd in range(args.cpu_reps + 1):
+        for provider, (fn, setup, leaves) in calls.items():
+            if setup is not None:
+                setup()
+            for t in leaves:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                times[provider].append((time.perf_counter() - t0) * 1e3)
+    for provider, ts in times.items():
+        out[provider] = (U.quantiles(ts), None)
+    return out
 
 
 def shape_list(args) -> List[Tuple[str, int, int]]:
@@ -367,6 +464,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--goal", action="store_true",
                    help="only the goal shape (bf16, V=128256, 16384 tokens), all cases incl. *_reflogps")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for the CPU interpreter (harness check)")
+    p.add_argument("--cpu", action="store_true",
+                   help=f"the PyTorch backend on the CPU against eager and torch.compile: fp32, "
+                        f"V={CPU_SHAPE[0]}, {CPU_SHAPE[1]} tokens, {', '.join(CPU_CASES)} (even with a GPU)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<gpu>-<date>-<sha>.json)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--warmup-ms", type=float, default=25.0)
@@ -377,7 +477,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="start no new shape/case after this many seconds (the rest is listed as not run)")
     args = p.parse_args(argv)
-    if args.goal:
+    if args.cpu and U.interpreter():
+        p.error("--cpu measures the PyTorch backend: unset TRITON_INTERPRET")
+    if args.cpu:
+        vocabs, tokens, fp32, cases = [CPU_SHAPE[0]], [CPU_SHAPE[1]], [], list(CPU_CASES)
+        args.dtypes = ["fp32"]
+        if args.providers == list(PROVIDERS):
+            args.providers = ["minorsft", "eager", "compile"]
+    elif args.goal:
         vocabs, tokens, fp32, cases = [GOAL_SHAPE[0]], [GOAL_SHAPE[1]], [], list(GOAL_CASES)
     elif args.tiny:
         vocabs, tokens, cases = list(TINY_VOCABS), list(TINY_TOKENS), list(BASE_CASES)
@@ -398,13 +505,34 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return args
 
 
+def run_cpu(args, results, path: str, bw: Optional[float]) -> int:
+    """``--cpu``: every case and mode with the providers timed side by side (round-robin)."""
+    device = torch.device("cpu")
+    for dt, vocab, tokens in shape_list(args):
+        elem = torch.empty((), dtype=U.DTYPES[dt]).element_size()
+        for case in args.cases:
+            inp = make_inputs(case, tokens, vocab, U.DTYPES[dt], device, args.seed)
+            ref_out = {False: reference_output(case, inp)}
+            if "minorsft_shift" in args.providers:
+                ref_out[True] = reference_output(case, inp, shift=True)
+            for mode in args.modes:
+                floor = U.floor_ms(U.floor_bytes(case, mode, tokens, vocab, elem), bw)
+                for provider, (times, err) in side_by_side(case, mode, inp, ref_out, args).items():
+                    row = U.make_row(case, provider, mode, dt, tokens, vocab, times, None, floor, error=err)
+                    U.add_row(results, row)
+                    U.write_results(path, results)
+                    print(fmt_row(row), flush=True)
+    print(f"wrote {path} ({len(results['rows'])} rows)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    device = U.bench_device()
-    if device.type == "cpu" and not U.interpreter():
-        print("note: no CUDA device and TRITON_INTERPRET unset: minorsft runs its torch backend; "
-              "CPU numbers are not performance figures", file=sys.stderr)
-    label = U.device_label()
+    device = U.bench_device(cpu=args.cpu)
+    if device.type == "cpu" and not U.interpreter() and not args.cpu:
+        print("note: no CUDA device and TRITON_INTERPRET unset: minorsft runs its torch backend "
+              "(use --cpu for the CPU comparison shape)", file=sys.stderr)
+    label = U.device_label(device)
     sha = U.git_sha()
     here = os.path.dirname(os.path.abspath(__file__))
     path = args.out or U.default_result_path(os.path.join(here, "results"), label, sha)
@@ -420,9 +548,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bw = results["copy_bandwidth_gbs"]
         print(f"writing {path}; copy bandwidth {bw:.1f} GB/s (read + write)")
     print(f"device {label}  torch {results['torch']}  triton {results['triton']}  git {sha}")
-    if device.type == "cpu":
-        print("CPU run: times are NOT performance figures (harness validation only)")
+    if device.type == "cpu" and U.interpreter():
+        print("interpreter run: times are NOT performance figures (harness validation only)")
 
+    if args.cpu:
+        return run_cpu(args, results, path, bw)
     start = time.perf_counter()
     not_run = []
     for dt, vocab, tokens in shape_list(args):
@@ -445,7 +575,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 try:
                     inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
-                    ref_out = reference_output(case, inp)
+                    ref_out = {False: reference_output(case, inp)}
+                    if "minorsft_shift" in args.providers:
+                        ref_out[True] = reference_output(case, inp, shift=True)
                     del inp
                 except Exception as exc:  # noqa: BLE001
                     skip = f"reference failed: {U.error_text(exc)}"

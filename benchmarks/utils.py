@@ -44,16 +44,29 @@ def interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def bench_device() -> torch.device:
-    """``cuda`` when a GPU is present, else ``cpu`` (meaningful only with the interpreter)."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def bench_device(cpu: bool = False) -> torch.device:
+    """``cuda`` when a GPU is present (and ``cpu`` is not asked for), else ``cpu``."""
+    return torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
 
 
-def device_label() -> str:
-    """The ``device`` field: the GPU name, ``cpu-interpreter`` or ``cpu``."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return "cpu-interpreter" if interpreter() else "cpu"
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``) and torch's thread count."""
+    name = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def device_label(device: Optional[torch.device] = None) -> str:
+    """The ``device`` field: the GPU name, ``cpu-interpreter`` (Triton kernels interpreted:
+    no performance figures), or ``cpu (<model>, <n> threads)`` (the PyTorch backend)."""
+    device = device or bench_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-interpreter" if interpreter() else f"cpu ({cpu_name()})"
 
 
 def slug(text: str) -> str:
@@ -140,15 +153,55 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def quantiles(times: List[float]) -> List[float]:
+    """``[median, p20, p80]`` of ``times``."""
+    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return [statistics.median(times), qs[1], qs[7]]
+
+
+def _cuda_bench_with_setup(fn, setup, warmup_ms: float, rep_ms: float, grad_to_none) -> List[float]:
+    """``do_bench``'s method (CUDA events, L2 flushed before each call) with an untimed
+    ``setup()`` before every call (e.g. refilling a buffer that the call overwrites)."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    events = []
+    for _ in range(3):                                     # estimate one call
+        setup()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        events.append(start.elapsed_time(end))
+    est = max(statistics.median(events), 1e-3)
+    n_warm, n_rep = max(1, int(warmup_ms / est)), max(5, int(rep_ms / est))
+    times = []
+    for i in range(n_warm + n_rep):
+        setup()
+        for t in grad_to_none or ():
+            t.grad = None
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= n_warm:
+            times.append(start.elapsed_time(end))
+    return quantiles(times)
+
+
 def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25.0,
              rep_ms: float = 100.0, grad_to_none: Optional[Sequence[torch.Tensor]] = None,
-             cpu_reps: int = 3) -> List[float]:
+             cpu_reps: int = 3, setup: Optional[Callable[[], object]] = None) -> List[float]:
     """``[median, p20, p80]`` milliseconds of ``fn()``.
 
     CUDA: ``triton.testing.do_bench`` (events, L2 flushed, ``grad_to_none`` reset
-    between runs so backward writes fresh gradients rather than accumulating). CPU: one
-    warm-up call, then ``cpu_reps`` host-timed calls (harness validation only).
+    between runs so backward writes fresh gradients rather than accumulating); with
+    ``setup``, the same method with ``setup()`` run untimed before every call. CPU: one
+    warm-up call, then ``cpu_reps`` host-timed calls.
     """
+    if device.type == "cuda" and setup is not None:
+        return _cuda_bench_with_setup(fn, setup, warmup_ms, rep_ms, grad_to_none)
     if device.type == "cuda":
         import triton.testing
         res = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
@@ -156,6 +209,8 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float
         return [float(x) for x in res]
     times = []
     for i in range(cpu_reps + 1):
+        if setup is not None:
+            setup()
         if grad_to_none:
             for t in grad_to_none:
                 t.grad = None
@@ -164,18 +219,21 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float
         dt = (time.perf_counter() - t0) * 1e3
         if i > 0:
             times.append(dt)
-    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return [statistics.median(times), qs[1], qs[7]]
+    return quantiles(times)
 
 
 def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,
-                       grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> Optional[float]:
+                       grad_to_none: Optional[Sequence[torch.Tensor]] = None,
+                       setup: Optional[Callable[[], object]] = None) -> Optional[float]:
     """Peak allocated memory during one ``fn()`` minus the memory allocated before it, MiB.
 
-    What ``fn`` returns is dropped after the peak is read. ``None`` on CPU.
+    ``setup()`` runs first, outside the measurement. What ``fn`` returns is dropped after
+    the peak is read. ``None`` on CPU.
     """
     if device.type != "cuda":
         return None
+    if setup is not None:
+        setup()
     if grad_to_none:
         for t in grad_to_none:
             t.grad = None

@@ -57,7 +57,8 @@ def test_tiny_run_writes_schema(tmp_path):
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--tiny", "--vocabs", "1000", "--tokens", "32",
-           "--cases", "minor_sft", "--modes", "fwd_bwd", "--providers", "minorsft,eager,liger",
+           "--cases", "minor_sft", "--modes", "fwd_bwd",
+           "--providers", "minorsft,minorsft_shift,minorsft_inplace,eager,liger",
            "--fp32-shapes", "", "--cpu-reps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -66,8 +67,10 @@ def test_tiny_run_writes_schema(tmp_path):
     assert res["device"] == ("cpu-interpreter" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     assert res["copy_bandwidth_gbs"] > 0
     rows = {r["provider"]: r for r in res["rows"]}
-    # liger does not apply to minor_sft: no row at all (not a failure); both others measured
-    assert set(rows) == {"minorsft", "eager"}, res["rows"]
+    # liger does not apply to minor_sft: no row at all (not a failure); the others measured
+    # (each checked against the fp32 eager formula first: the shift drop-in against the
+    # sliced formula, the in-place one on layer-fed logits)
+    assert set(rows) == {"minorsft", "minorsft_shift", "minorsft_inplace", "eager"}, res["rows"]
     for provider, row in rows.items():
         assert set(row) == set(U.ROW_KEYS), (provider, row)          # no "error" key: it ran
         assert (row["case"], row["mode"], row["dtype"], row["tokens"], row["vocab"]) == (
@@ -76,6 +79,23 @@ def test_tiny_run_writes_schema(tmp_path):
         expect_floor = U.floor_bytes("minor_sft", "fwd_bwd", 32, 1000, 2) / (res["copy_bandwidth_gbs"] * 1e9) * 1e3
         assert row["floor_ms"] == pytest.approx(expect_floor, rel=1e-3)
         assert (row["peak_mem_delta_mib"] is None) == (not torch.cuda.is_available())
+
+
+def test_cpu_comparison_run(tmp_path):
+    """--cpu: the PyTorch backend against eager (and torch.compile) on the CPU, side by side."""
+    out = tmp_path / "cpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--cpu", "--vocabs", "500", "--tokens", "64",
+           "--providers", "minorsft,eager", "--cpu-reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["device"].startswith("cpu (")
+    rows = res["rows"]
+    assert {(r["case"], r["provider"], r["dtype"]) for r in rows} == {
+        (c, p, "fp32") for c in ("minor_sft", "sft") for p in ("minorsft", "eager")}
+    assert all("error" not in r for r in rows), rows
 
 
 def test_tiny_linear_run_writes_schema(tmp_path):
