@@ -4,6 +4,9 @@ A thin layer: ``train``'s flags are generated from :class:`minorsft.train.TrainC
 (one flag per field, with its default and help) and the configuration is validated
 before any work starts. Distributed runs go through torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m minorsft train --data d.jsonl [--fsdp]``.
+
+Exit status of ``train``: 0 done; 2 refused before any work (a bad flag, data row or
+output folder, a checkpoint that does not verify).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import json
 import sys
 
 from minorsft.train.config import ConfigError, add_arguments, config_from_args, flag
+
+EXIT_REFUSED = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(command: str, e: ValueError) -> int:
-    """Print a one-line error (a config field spelled as its flag) and return exit status 2."""
+def _error(command: str, e: Exception, status: int = EXIT_REFUSED) -> int:
+    """Print a one-line error (a config field spelled as its flag) and return ``status``."""
     msg = f"{flag(e.field)}: {e.message}" if isinstance(e, ConfigError) else str(e)
     print(f"minorsft {command}: error: {msg}", file=sys.stderr)
-    return 2
+    return status
 
 
 def main(argv=None) -> int:
@@ -43,11 +48,10 @@ def main(argv=None) -> int:
         from minorsft.demo import run_demo
         run_demo(out_dir=args.out_dir, steps=args.steps, beta=args.beta, seed=args.seed)
         return 0
-    from minorsft.train import check_config, train
+    from minorsft.train import train
     cfg = config_from_args(args)
     try:
-        check_config(cfg)
-        result = train(cfg)
+        result = train(cfg)   # checks everything it can before any work
     except ValueError as e:   # config, bad rows (data.DataError), tokenizer/model mismatch, ...
         return _error("train", e)
     if result.get("final_eval"):

@@ -11,8 +11,10 @@ step (label tokens for ``sft`` through ``num_items_in_batch``; sequences or pair
 the others), counted on the host from the token lists, so gradient accumulation and
 data parallelism give the same gradient as one big batch and nothing syncs.
 
-A run is a :class:`Run`: named setup steps (output folder, data, model, reference,
-policy, optimiser, resume), then a short step loop. Checkpoints live in
+A run is a :class:`Run`: named setup steps (data, model, reference, policy, optimiser,
+resume), then a short step loop. Before it, :func:`train` checks the arguments and takes
+the output folder (:mod:`~minorsft.train.outdir`: its lock, a refused rerun, ``--overwrite``)
+and finds the verified checkpoint to resume from. Checkpoints live in
 :mod:`~minorsft.train.checkpoint`, the process group in :mod:`~minorsft.train.distributed`,
 metrics in :mod:`~minorsft.train.metrics`.
 """
@@ -29,42 +31,98 @@ import torch
 
 from minorsft.train import data as D
 from minorsft.train import reference as R
-from minorsft.train.checkpoint import (check_resume_config, check_resume_data, load_training_state,
-                                       read_trainer_state, repair_checkpoint_debris, resolve_resume,
-                                       save_checkpoint)
+from minorsft.train.checkpoint import (check_resume_config, check_resume_data, check_resume_target,
+                                       checkpoints, find_resume, load_training_state,
+                                       read_trainer_state, resolved_paths, save_checkpoint)
 from minorsft.train.config import DTYPES, ConfigError, TrainConfig, resume_fields, validate_config
 from minorsft.train.distributed import Dist, init_distributed, select_device, wrap_model
 from minorsft.train.evaluate import evaluate
+from minorsft.train.manifest import VerifyError
 from minorsft.train.metrics import MetricsLog, StepLogger, StepRecord, say
 from minorsft.train.optim import build_optimizer
+from minorsft.train.outdir import OutDirLock, check_out_dir, prepare_out_dir
 from minorsft.train.step import LossSetup, check_plain_lm_head, compute_loss
 
 
-def check_config(cfg: TrainConfig):
-    """Everything that can be refused before work starts: the configuration, and a
-    ``resume`` checkpoint whose configuration (or world size) differs. Returns
-    ``(resume_path, resume_state)`` (``None, None`` without ``resume``)."""
-    validate_config(cfg)
-    resume_path = resolve_resume(cfg.resume, cfg.out_dir)
-    if resume_path is None:
-        return None, None
-    state = read_trainer_state(resume_path)
+def _check_resume_state(cfg: TrainConfig, path: str, state: dict) -> None:
+    """The checkpoint's configuration (and world size) against ``cfg``; a ``max_steps``
+    ending before its step."""
     check_resume_config(state, {k: getattr(cfg, k) for k in resume_fields()},
                         int(os.environ.get("WORLD_SIZE", "1")))
-    return resume_path, state
+    if cfg.max_steps is not None and cfg.max_steps < int(state["step"]):
+        raise ConfigError("max_steps", f"{cfg.max_steps} ends before the step of the checkpoint "
+                                       f"to resume from ({state['step']}, {path})")
+
+
+def _check_arguments(cfg: TrainConfig):
+    """The checks that change nothing and need no lock: the configuration, the output
+    folder (rank 0), and the checkpoint to resume from. An explicit one is verified and
+    checked here (returns its ``(path, state)``); for ``latest`` (found under the lock,
+    after an interrupted save is repaired) the newest one's state is read unverified and
+    checked against the configuration, so a mismatch is refused before any work."""
+    validate_config(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_resume_target(cfg.resume, cfg.out_dir)
+    if cfg.resume != "latest":
+        return _resume_point(cfg, log=lambda m: None) if cfg.resume is not None else None
+    for _step, path in checkpoints(cfg.out_dir):
+        try:
+            state = read_trainer_state(path)
+        except VerifyError:
+            continue
+        _check_resume_state(cfg, path, state)
+        break
+    return None
+
+
+def _resume_point(cfg: TrainConfig, log):
+    """``(path, state)`` of the verified checkpoint to resume from (``None, None`` without
+    ``resume``), its configuration checked against ``cfg``."""
+    path, state = find_resume(cfg.resume, cfg.out_dir, log=log)
+    if path is not None:
+        _check_resume_state(cfg, path, state)
+    return path, state
+
+
+def check_config(cfg: TrainConfig):
+    """Everything that can be refused before work starts, changing nothing: the
+    configuration, the output folder (a file, not writable, a previous run without
+    ``resume`` / ``overwrite``) and a ``resume`` checkpoint that does not verify or whose
+    configuration (or world size) differs. Returns ``(resume_path, resume_state)``
+    (``None, None`` without ``resume``). :func:`train` runs the same checks, the resume
+    search under the output folder's lock, after repairing an interrupted save."""
+    return _check_arguments(cfg) or _resume_point(cfg, log=lambda m: None)
+
+
+def _claim_out_dir(cfg: TrainConfig, lock: OutDirLock, checked):
+    """Rank 0, before the run reads its output folder: take the folder's lock, tidy it
+    (stale temporaries, an interrupted save, ``--overwrite``) and find the checkpoint to
+    resume from (``checked``: the one :func:`_check_arguments` verified, if any)."""
+    lock.acquire()
+    log = lambda m: say(True, m)   # noqa: E731
+    prepare_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=log)
+    return checked or _resume_point(cfg, log)
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns ``{"history", "evals", "final_eval", "step",
     "checkpoint", "out_dir", "skipped_rows"}`` (history: one dict per optimiser step with
-    ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at each log interval)."""
-    resume_path, resume_state = check_config(cfg)
+    ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at each log interval).
+
+    Raises :class:`ConfigError` before any work for a bad configuration or output folder
+    (also one another run holds)."""
+    checked = _check_arguments(cfg)
     dist = init_distributed(cfg.device)
+    lock = OutDirLock(cfg.out_dir)
     try:
+        resume_path, resume_state = dist.share(lambda: _claim_out_dir(cfg, lock, checked))
         run = Run(cfg, dist)
         run.setup(resume_path, resume_state)
         return run.loop()
     finally:
+        lock.release()
         if dist.owns_group:
             torch.distributed.destroy_process_group()
 
@@ -103,7 +161,7 @@ class Run:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.device = select_device(self.cfg.device, self.dist)
-        self._setup_out_dir()
+        self._setup_seeds()
         self._setup_data(resume_state)           # a bad row is refused before any model is built
         model = self._setup_model()
         self.reference = self._setup_reference(model)
@@ -111,10 +169,7 @@ class Run:
         self._setup_optimizer()
         self.start_step = self._resume(resume_path, resume_state)
 
-    def _setup_out_dir(self) -> None:
-        os.makedirs(self.cfg.out_dir, exist_ok=True)
-        if self.dist.main:
-            repair_checkpoint_debris(self.cfg.out_dir)
+    def _setup_seeds(self) -> None:
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
 
@@ -124,6 +179,7 @@ class Run:
             return cfg.data, cfg.eval_data
         from minorsft.train.tiny import write_synthetic_dataset
         d = os.path.join(cfg.out_dir, "data")
+        say(self.dist.main, f"no --data: training on the built-in synthetic task set ({d})")
         if self.dist.main and not os.path.exists(os.path.join(d, "eval.jsonl")):
             write_synthetic_dataset(d, seed=cfg.seed)
         self.dist.barrier()
@@ -131,12 +187,18 @@ class Run:
 
     def _setup_data(self, resume_state) -> None:
         cfg = self.cfg
+        if cfg.model is None:
+            say(self.dist.main, "no --model: training the built-in tiny model (a 0.1M-parameter "
+                                "Llama with a character tokenizer, for trying things out)")
         self.tokenizer = load_tokenizer(cfg.model)
         train_path, eval_path = self._data_paths()
         load = dict(max_length=cfg.max_length, kind=self.kind, skip_bad_rows=cfg.skip_bad_rows)
         self.train_ds = D.load_dataset(train_path, self.tokenizer, **load)
+        self.train_path = train_path
         if resume_state is not None:
-            check_resume_data(resume_state, self.train_ds.fingerprint)
+            check_resume_data(resume_state, self.train_ds.fingerprint, train_path,
+                              log=lambda m: say(self.dist.main, m))
+        self._setup_length(resume_state)
         self.eval_ds = (D.load_dataset(eval_path, self.tokenizer, limit=cfg.eval_limit, **load)
                         if eval_path else None)
         if self.train_ds.skipped:
@@ -193,10 +255,19 @@ class Run:
         self.unwrapped = model
         self.model = wrap_model(model, self.dist, self.device, fsdp=self.cfg.fsdp)
 
-    def _setup_optimizer(self) -> None:
+    def _setup_length(self, resume_state) -> None:
+        """Examples per step and the run's length; a resume may change the length
+        (``--max-steps`` / ``--epochs``), not end before the checkpoint's step."""
         cfg = self.cfg
         self.per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_ds) / self.per_step))
+        if resume_state is not None and self.total_steps < int(resume_state["step"]):
+            raise ConfigError("max_steps" if cfg.max_steps else "epochs",
+                              f"the run would end at step {self.total_steps}, before the step of "
+                              f"the checkpoint to resume from ({resume_state['step']})")
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
         self.optimizer, self.scheduler = build_optimizer(
             self.unwrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
             schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps)
@@ -207,6 +278,10 @@ class Run:
             self.log.start(None)
             return 0
         load_training_state(resume_path, self.unwrapped, self.optimizer, self.scheduler)
+        # The optimizer carries the rate of the checkpoint's schedule; recompute it from this
+        # run's (the same value, unless --max-steps / --epochs changed the run's length).
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()
         step = int(resume_state["step"])
         self.log.start(step)
         say(self.dist.main, f"resumed from {resume_path} at step {step}")
@@ -327,10 +402,13 @@ class Run:
         return res
 
     def _save(self, step: int) -> str:
+        resolved = {**resolved_paths(dataclasses.asdict(self.cfg)), "data": os.path.realpath(self.train_path)}
         return save_checkpoint(self.cfg.out_dir, self.dist, self.unwrapped, self.tokenizer,
                                self.optimizer, self.scheduler, step=step, position=step * self.per_step,
                                config=dataclasses.asdict(self.cfg),
-                               data_fingerprint=self.train_ds.fingerprint)
+                               data_fingerprint=self.train_ds.fingerprint,
+                               extra={"resolved": resolved},
+                               keep_last=self.cfg.save_total_limit)
 
 
 def _dump_grads(path, unwrapped, dist):

@@ -57,12 +57,21 @@ class MetricsLog:
         self.evals: List[dict] = []
 
     def start(self, resume_step: Optional[int]) -> None:
+        """Begin the file: empty for a fresh run; for a resumed one, the lines up to
+        ``resume_step``. A line that is not JSON (a write cut by a kill) is dropped and named."""
         if not self.main:
             return
         kept = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for lineno, line in enumerate(f, start=1):
+                    try:
+                        rec = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        say(True, f"{self.path}:{lineno}: not a JSON line (cut by a kill?): dropped")
+                        continue
+                    if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write(self.path, "".join(kept))
 
     def write(self, rec: dict) -> None:
