@@ -6,7 +6,8 @@ before any work starts. Distributed runs go through torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m minorsft train --data d.jsonl [--fsdp]``.
 
 Exit status of ``train``: 0 done; 2 refused before any work (a bad flag, data row or
-output folder, a checkpoint that does not verify).
+output folder, a checkpoint that does not verify); 3 a non-finite loss or gradient norm
+stopped the run (nothing of it saved).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sys
 from minorsft.train.config import ConfigError, add_arguments, config_from_args, flag
 
 EXIT_REFUSED = 2
+EXIT_NONFINITE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +51,14 @@ def main(argv=None) -> int:
         run_demo(out_dir=args.out_dir, steps=args.steps, beta=args.beta, seed=args.seed)
         return 0
     from minorsft.train import train
+    from minorsft.train.metrics import NonFiniteError
     cfg = config_from_args(args)
     try:
         result = train(cfg)   # checks everything it can before any work
     except ValueError as e:   # config, bad rows (data.DataError), tokenizer/model mismatch, ...
         return _error("train", e)
+    except NonFiniteError as e:
+        return _error("train", e, EXIT_NONFINITE)
     if result.get("final_eval"):
         print(json.dumps({"step": result["step"], "eval": result["final_eval"]}))
     return 0

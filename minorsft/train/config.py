@@ -192,6 +192,9 @@ class TrainConfig:
                                           group="optimisation")
     seed: int = option(0, "data order and initialisation seed", group="optimisation",
                        check=nonneg_int, resume=True)
+    skip_nonfinite: int = option(0, "skip up to N optimiser steps whose loss or gradient norm is "
+                                 "not finite, logged (0: the first one stops the run and nothing "
+                                 "of it is saved)", group="optimisation", check=nonneg_int)
     device: Optional[str] = option(None, "device (default: this rank's GPU, else the CPU; the "
                                    "MINORSFT_DEVICE variable sets it too)", group="optimisation",
                                    check=device_name, type=str)

@@ -31,6 +31,15 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def any(self, flag, device) -> bool:
+        """Whether ``flag`` (a bool or a one-element tensor) is true on any rank: one
+        all-reduce and one host read with several ranks, ``bool(flag)`` with one."""
+        if self.world <= 1:
+            return bool(flag)
+        t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1).clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
     def share(self, fn: Callable):
         """``fn()`` run on rank 0 only, its result given to every rank (a broadcast). A
         ``ConfigError`` it raises is raised on every rank (another error: a RuntimeError

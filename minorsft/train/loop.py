@@ -16,7 +16,7 @@ resume), then a short step loop. Before it, :func:`train` checks the arguments a
 the output folder (:mod:`~minorsft.train.outdir`: its lock, a refused rerun, ``--overwrite``)
 and finds the verified checkpoint to resume from. Checkpoints live in
 :mod:`~minorsft.train.checkpoint`, the process group in :mod:`~minorsft.train.distributed`,
-metrics in :mod:`~minorsft.train.metrics`.
+metrics (and the non-finite check at their flush) in :mod:`~minorsft.train.metrics`.
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ import torch
 from minorsft.train import data as D
 from minorsft.train import reference as R
 from minorsft.train.checkpoint import (check_resume_config, check_resume_data, check_resume_target,
-                                       checkpoints, find_resume, load_training_state,
+                                       checkpoints, find_resume, latest_name, load_training_state,
                                        read_trainer_state, resolved_paths, save_checkpoint)
 from minorsft.train.config import DTYPES, ConfigError, TrainConfig, resume_fields, validate_config
 from minorsft.train.distributed import Dist, init_distributed, select_device, wrap_model
 from minorsft.train.evaluate import evaluate
 from minorsft.train.manifest import VerifyError
-from minorsft.train.metrics import MetricsLog, StepLogger, StepRecord, say
+from minorsft.train.metrics import MetricsLog, NonFiniteError, StepLogger, StepRecord, say
 from minorsft.train.optim import build_optimizer
 from minorsft.train.outdir import OutDirLock, check_out_dir, prepare_out_dir
 from minorsft.train.step import LossSetup, check_plain_lm_head, compute_loss
@@ -112,7 +112,8 @@ def train(cfg: TrainConfig) -> dict:
     ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at each log interval).
 
     Raises :class:`ConfigError` before any work for a bad configuration or output folder
-    (also one another run holds)."""
+    (also one another run holds), and :class:`~minorsft.train.metrics.NonFiniteError` when
+    a step's loss or gradient norm is not finite (nothing of it is saved)."""
     checked = _check_arguments(cfg)
     dist = init_distributed(cfg.device)
     lock = OutDirLock(cfg.out_dir)
@@ -154,6 +155,7 @@ class Run:
         self.cfg, self.dist = cfg, dist
         self.setup_loss = LossSetup.from_config(cfg)
         self.kind = "pairs" if self.setup_loss.spec.pairs else "sft"
+        self.skipped_steps = 0   # non-finite steps skipped so far (--skip-nonfinite)
 
     # ---------------------------------------------------------------- setup steps
 
@@ -282,6 +284,7 @@ class Run:
         # run's (the same value, unless --max-steps / --epochs changed the run's length).
         self.scheduler.last_epoch -= 1
         self.scheduler.step()
+        self.skipped_steps = int(resume_state.get("skipped_nonfinite", 0))
         step = int(resume_state["step"])
         self.log.start(step)
         say(self.dist.main, f"resumed from {resume_path} at step {step}")
@@ -305,21 +308,33 @@ class Run:
             logger.add(record, tokens)
             bar.update(1)
             final = step == self.total_steps
-            if step % cfg.log_every == 0 or final:
-                logger.flush()
+            # Every flush checks the values it reads (NonFiniteError): before each checkpoint.
+            if step % cfg.log_every == 0 or final or record.halt:
+                self._flush(logger)
             if cfg.eval_every and step % cfg.eval_every == 0 and not final:
-                logger.flush()
+                self._flush(logger)
                 self._evaluate(step)
             if cfg.save_every and step % cfg.save_every == 0 and not final:
-                logger.flush()
+                self._flush(logger)
                 last_ckpt = self._save(step)
-        logger.flush()
+        self._flush(logger)
         bar.close()
         final_eval = self._evaluate(step)
         last_ckpt = self._save(step)
         return {"history": self.log.history, "evals": self.log.evals, "final_eval": final_eval,
                 "step": step, "checkpoint": last_ckpt, "out_dir": cfg.out_dir,
                 "skipped_rows": len(self.train_ds.skipped)}
+
+    def _flush(self, logger: StepLogger) -> None:
+        """Flush the step records; a non-finite one stops the run, saying what was kept."""
+        try:
+            logger.flush()
+        except NonFiniteError as e:
+            named = latest_name(self.cfg.out_dir)
+            kept = (f"{os.path.join(self.cfg.out_dir, 'latest')} still names {named}" if named
+                    else "no checkpoint was written")
+            raise NonFiniteError(e.step, f"{e}; the run stopped, nothing from step {e.step} on was "
+                                 f"saved ({kept}); try a lower --lr, or --skip-nonfinite N") from None
 
     def _micro_batches(self, step: int):
         """The step's global batch as ``grad_accum`` micro-batches of examples (all ranks)."""
@@ -350,7 +365,9 @@ class Run:
         if cfg.dump_grads and step == self.start_step + 1:
             _dump_grads(cfg.dump_grads, self.unwrapped, dist)
         lr = self.scheduler.get_last_lr()[0]   # the rate this step uses
-        return StepRecord(step, step_loss, self._optimizer_step(), lr, step_metrics), tokens
+        grad_norm, verdict = self._optimizer_step(step, step_loss)
+        return StepRecord(step, step_loss, grad_norm, lr, step_metrics, skipped=verdict == "skipped",
+                          halt=verdict == "halt"), tokens
 
     def _micro_step(self, examples, *, last: bool, num_items, denom):
         """Forward and backward of this rank's share of one micro-batch."""
@@ -373,8 +390,9 @@ class Run:
             (loss * W).backward()
         return loss, m, tokens
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, step, schedule, zero; returns the gradient norm (a device tensor)."""
+    def _optimizer_step(self, step: int, step_loss: torch.Tensor):
+        """Clip, step, schedule, zero; returns ``(gradient norm (a device tensor), verdict)``,
+        ``verdict`` None (stepped), ``"skipped"`` or ``"halt"`` (see :meth:`_check_finite`)."""
         params = list(self.unwrapped.parameters())
         if self.cfg.clip_grad:
             gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
@@ -382,11 +400,32 @@ class Run:
             gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
-        self.optimizer.step()
+        verdict = self._check_finite(step, step_loss, gn) if self.cfg.skip_nonfinite else None
+        if verdict is None:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # identical on every rank; the logger averages it after the cross-rank sum
-        return gn.detach().float().to(self.device)
+        return gn.detach().float().to(self.device), verdict
+
+    def _check_finite(self, step: int, step_loss: torch.Tensor, gn: torch.Tensor):
+        """With ``--skip-nonfinite N``: None when the step's loss and gradient norm are finite
+        (on every rank), else ``"skipped"`` (no update; up to N times) or ``"halt"`` (N spent:
+        no update, and the loop's next flush stops the run).
+
+        This reads one scalar per optimiser step on the host, only with the option: a
+        skip must be decided before ``optimizer.step()``. Without it the loop finds a
+        non-finite step where it already synchronises (the log flush, which precedes
+        every checkpoint), and the loss path itself never syncs."""
+        bad = ~(torch.isfinite(step_loss.float()) & torch.isfinite(gn.float()))
+        if not self.dist.any(bad, self.device):
+            return None
+        if self.skipped_steps >= self.cfg.skip_nonfinite:
+            return "halt"
+        self.skipped_steps += 1
+        say(self.dist.main, f"step {step}: the loss or gradient norm is not finite: optimiser update "
+                            f"skipped ({self.skipped_steps} of --skip-nonfinite {self.cfg.skip_nonfinite})")
+        return "skipped"
 
     def _evaluate(self, step: int):
         if self.eval_ds is None:
@@ -407,7 +446,7 @@ class Run:
                                self.optimizer, self.scheduler, step=step, position=step * self.per_step,
                                config=dataclasses.asdict(self.cfg),
                                data_fingerprint=self.train_ds.fingerprint,
-                               extra={"resolved": resolved},
+                               extra={"skipped_nonfinite": self.skipped_steps, "resolved": resolved},
                                keep_last=self.cfg.save_total_limit)
 
 

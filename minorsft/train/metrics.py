@@ -1,8 +1,14 @@
 """Metrics of a training run: step records kept on the device until a log interval, then
-read in one host synchronisation, written to ``metrics.jsonl`` and shown on the progress bar."""
+read in one host synchronisation, written to ``metrics.jsonl`` and shown on the progress bar.
+
+That read is also where a non-finite loss or gradient norm is found without a sync of its
+own: :meth:`StepLogger.flush` raises :class:`NonFiniteError` naming the step, and the loop
+flushes before every checkpoint, so a non-finite state is never saved. ``metrics.jsonl``
+stays strict JSON: a non-finite value is written as ``null``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -24,6 +30,26 @@ class StepRecord:
     grad_norm: torch.Tensor
     lr: float
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: bool = False   # a non-finite step whose optimiser update was skipped (--skip-nonfinite)
+    halt: bool = False      # a non-finite step found at once, no skip left: flush now (it stops)
+
+
+class NonFiniteError(FloatingPointError):
+    """A step whose loss or gradient norm is not finite; ``step`` names it. Nothing from
+    that step on is saved."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def json_safe(rec: dict) -> dict:
+    """``rec`` with every non-finite float replaced by None (``null``: strict JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "null" if value is None else format(value, spec)
 
 
 def peak_memory_gb(device) -> float:
@@ -75,14 +101,16 @@ class MetricsLog:
         atomic_write(self.path, "".join(kept))
 
     def write(self, rec: dict) -> None:
+        """Append ``rec`` (rank 0) as one strict JSON line (non-finite values: ``null``)."""
         if self.run_name:
             rec["run"] = self.run_name
         if self.main:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
 
     def add_eval(self, step: int, values: dict) -> dict:
-        rec = {"split": "eval", "step": step, **values}
+        """Write and keep an evaluation record."""
+        rec = json_safe({"split": "eval", "step": step, **values})
         self.write(rec)
         self.evals.append(rec)
         return rec
@@ -111,6 +139,8 @@ class StepLogger:
         return vals.tolist()
 
     def flush(self) -> None:
+        """Read, write and show the pending records; then raise :class:`NonFiniteError`
+        for the first one (not skipped) whose loss or gradient norm is not finite."""
         if not self.pending:
             return
         rows = self._read()
@@ -118,24 +148,33 @@ class StepLogger:
         tps = self.tokens * self.world / max(now - self.t_last, 1e-9)
         self.tokens, self.t_last = 0, now
         mem = peak_memory_gb(self.device)
+        bad = None
         for p, row in zip(self.pending, rows):
             rec = {"split": "train", "step": p.step, "loss": row[0], "grad_norm": row[1], "lr": p.lr}
             rec.update({k: row[2 + i] for i, k in enumerate(self.keys)})
             rec.update({"tokens_per_s": tps, "peak_mem_gb": mem})
+            if p.skipped:
+                rec["skipped"] = True
+            elif bad is None and not (math.isfinite(row[0]) and math.isfinite(row[1])):
+                bad = NonFiniteError(p.step, f"step {p.step}: loss {row[0]}, grad_norm {row[1]}: "
+                                             f"not finite")
+            rec = json_safe(rec)
             self.log.write(rec)
             self.log.history.append(rec)
             if self.print_steps:
-                say(self.log.main, "train step %4d  loss=%.4f" % (rec["step"], rec["loss"]) + "".join(
-                    f"  {k}={rec[k]:.4f}" for k in ("deviation", "rewards/accuracies") if k in rec))
+                say(self.log.main, "train step %4d  loss=%s" % (rec["step"], _fmt(rec["loss"])) + "".join(
+                    f"  {k}={_fmt(rec[k])}" for k in ("deviation", "rewards/accuracies") if k in rec))
         self.pending.clear()
         self._postfix(self.log.history[-1], tps, mem)
+        if bad is not None:
+            raise bad
 
     def _postfix(self, last: dict, tps: float, mem: float) -> None:
-        post = {"loss": f"{last['loss']:.4f}"}
+        post = {"loss": _fmt(last["loss"])}
         if "deviation" in last:
-            post["dev"] = f"{last['deviation']:.4f}"
+            post["dev"] = _fmt(last["deviation"])
         if "rewards/accuracies" in last:
-            post["acc"] = f"{last['rewards/accuracies']:.3f}"
+            post["acc"] = _fmt(last["rewards/accuracies"], ".3f")
         post["tok/s"] = f"{tps:.0f}"
         post["mem"] = f"{mem:.2f}G"
         self.bar.set_postfix(post, refresh=False)
