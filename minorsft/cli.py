@@ -7,7 +7,9 @@ before any work starts. Distributed runs go through torchrun, e.g.
 
 Exit status of ``train``: 0 done; 2 refused before any work (a bad flag, data row or
 output folder, a checkpoint that does not verify); 3 a non-finite loss or gradient norm
-stopped the run (nothing of it saved).
+stopped the run (nothing of it saved); 75 (:data:`~minorsft.train.preempt.EXIT_PREEMPTED`)
+stopped by SIGTERM / SIGINT, after writing a checkpoint when a step was running: the
+command that resumes it is printed; 130 Ctrl-C while the arguments were being checked.
 """
 from __future__ import annotations
 
@@ -44,6 +46,16 @@ def _error(command: str, e: Exception, status: int = EXIT_REFUSED) -> int:
     return status
 
 
+def _preempted(cfg, signame: str, checkpoint) -> int:
+    """Say how the run stopped and print the command that resumes it; returns 75."""
+    from minorsft.train.checkpoint import checkpoints
+    from minorsft.train.preempt import EXIT_PREEMPTED, resume_command
+    done = f"checkpoint {checkpoint} written" if checkpoint else "stopped at once, no new checkpoint"
+    cmd = resume_command(cfg, has_checkpoint=bool(checkpoints(cfg.out_dir)))
+    print(f"minorsft train: {signame}: {done}; resume with:\n  {cmd}", file=sys.stderr)
+    return EXIT_PREEMPTED
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
@@ -52,6 +64,7 @@ def main(argv=None) -> int:
         return 0
     from minorsft.train import train
     from minorsft.train.metrics import NonFiniteError
+    from minorsft.train.preempt import Preempted
     cfg = config_from_args(args)
     try:
         result = train(cfg)   # checks everything it can before any work
@@ -59,6 +72,13 @@ def main(argv=None) -> int:
         return _error("train", e)
     except NonFiniteError as e:
         return _error("train", e, EXIT_NONFINITE)
+    except Preempted as e:
+        return _preempted(cfg, e.signame, None)
+    except KeyboardInterrupt:   # Ctrl-C before the signal handlers were installed
+        print("minorsft train: interrupted before training started", file=sys.stderr)
+        return 130
+    if result.get("preempted"):
+        return _preempted(cfg, result["preempted"], result["checkpoint"])
     if result.get("final_eval"):
         print(json.dumps({"step": result["step"], "eval": result["final_eval"]}))
     return 0

@@ -4,8 +4,9 @@
 CLI group and whether a ``--resume`` must match the checkpoint (``metadata``). From it:
 :func:`validate_config` (every field's check, then the rules between fields),
 :func:`resume_fields` (what a checkpoint records and a resume compares), and the
-``minorsft train`` parser (:func:`add_arguments`, :func:`config_from_args`). A flag is
-declared in one place: its field.
+``minorsft train`` parser (:func:`add_arguments`, :func:`config_from_args`) and its
+inverse (:func:`config_to_argv`, the command that resumes a run). A flag is declared in
+one place: its field.
 
 Errors are :class:`ConfigError` naming the field (``beta: must be ...``); the CLI
 prints the same message with the flag's spelling (``--beta: must be ...``).
@@ -331,6 +332,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         if meta["choices"] is not None:
             kw["choices"] = meta["choices"]
         group.add_argument(flag(f.name), **kw)
+
+
+def config_to_argv(cfg) -> list:
+    """The flags that give ``cfg`` back through the parser: one per field that differs from
+    its default (``--clip-grad 0`` for no clipping)."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if isinstance(f.default, bool):
+            argv.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:   # None where the default is not: the CLI spells "off" as 0
+            argv += [flag(f.name), "0" if value is None else str(value)]
+    return argv
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):

@@ -16,7 +16,8 @@ resume), then a short step loop. Before it, :func:`train` checks the arguments a
 the output folder (:mod:`~minorsft.train.outdir`: its lock, a refused rerun, ``--overwrite``)
 and finds the verified checkpoint to resume from. Checkpoints live in
 :mod:`~minorsft.train.checkpoint`, the process group in :mod:`~minorsft.train.distributed`,
-metrics (and the non-finite check at their flush) in :mod:`~minorsft.train.metrics`.
+metrics (and the non-finite check at their flush) in :mod:`~minorsft.train.metrics`,
+signal handling in :mod:`~minorsft.train.preempt`.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from minorsft.train.manifest import VerifyError
 from minorsft.train.metrics import MetricsLog, NonFiniteError, StepLogger, StepRecord, say
 from minorsft.train.optim import build_optimizer
 from minorsft.train.outdir import OutDirLock, check_out_dir, prepare_out_dir
+from minorsft.train.preempt import Preemption
 from minorsft.train.step import LossSetup, check_plain_lm_head, compute_loss
 
 
@@ -108,20 +110,23 @@ def _claim_out_dir(cfg: TrainConfig, lock: OutDirLock, checked):
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns ``{"history", "evals", "final_eval", "step",
-    "checkpoint", "out_dir", "skipped_rows"}`` (history: one dict per optimiser step with
-    ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at each log interval).
+    "checkpoint", "out_dir", "skipped_rows", "preempted"}`` (history: one dict per
+    optimiser step with ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at
+    each log interval; ``preempted``: the signal that stopped the run early, or None).
 
     Raises :class:`ConfigError` before any work for a bad configuration or output folder
-    (also one another run holds), and :class:`~minorsft.train.metrics.NonFiniteError` when
-    a step's loss or gradient norm is not finite (nothing of it is saved)."""
+    (also one another run holds), :class:`~minorsft.train.metrics.NonFiniteError` when a
+    step's loss or gradient norm is not finite (nothing of it is saved), and
+    :class:`~minorsft.train.preempt.Preempted` for a stop signal before the first step."""
     checked = _check_arguments(cfg)
     dist = init_distributed(cfg.device)
     lock = OutDirLock(cfg.out_dir)
     try:
-        resume_path, resume_state = dist.share(lambda: _claim_out_dir(cfg, lock, checked))
-        run = Run(cfg, dist)
-        run.setup(resume_path, resume_state)
-        return run.loop()
+        with Preemption(announce=dist.main) as preempt:
+            resume_path, resume_state = dist.share(lambda: _claim_out_dir(cfg, lock, checked))
+            run = Run(cfg, dist, preempt)
+            run.setup(resume_path, resume_state)
+            return run.loop()
     finally:
         lock.release()
         if dist.owns_group:
@@ -151,8 +156,8 @@ def load_tokenizer(path):
 class Run:
     """One training run: ``setup`` (the named steps below), then ``loop``."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist):
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg: TrainConfig, dist: Dist, preempt: Preemption | None = None):
+        self.cfg, self.dist, self.preempt = cfg, dist, preempt
         self.setup_loss = LossSetup.from_config(cfg)
         self.kind = "pairs" if self.setup_loss.spec.pairs else "sft"
         self.skipped_steps = 0   # non-finite steps skipped so far (--skip-nonfinite)
@@ -302,15 +307,20 @@ class Run:
                    file=sys.stderr)
         logger = StepLogger(self.log, keys, world=self.dist.world, device=self.device, bar=bar,
                             print_steps=cfg.print_steps)
-        step, last_ckpt = self.start_step, None
+        step, last_ckpt, stop = self.start_step, None, None
+        if self.preempt is not None:
+            self.preempt.deferring = True   # a signal now ends the run after this step
         for step in range(self.start_step + 1, self.total_steps + 1):
             record, tokens = self._train_step(step, keys)
             logger.add(record, tokens)
             bar.update(1)
             final = step == self.total_steps
+            stop = self._stop_requested()
             # Every flush checks the values it reads (NonFiniteError): before each checkpoint.
-            if step % cfg.log_every == 0 or final or record.halt:
+            if step % cfg.log_every == 0 or final or stop or record.halt:
                 self._flush(logger)
+            if stop:
+                break
             if cfg.eval_every and step % cfg.eval_every == 0 and not final:
                 self._flush(logger)
                 self._evaluate(step)
@@ -319,11 +329,21 @@ class Run:
                 last_ckpt = self._save(step)
         self._flush(logger)
         bar.close()
-        final_eval = self._evaluate(step)
+        final_eval = None if stop else self._evaluate(step)
         last_ckpt = self._save(step)
+        if stop:
+            say(self.dist.main, f"{stop}: stopped after step {step}; checkpoint {last_ckpt}")
         return {"history": self.log.history, "evals": self.log.evals, "final_eval": final_eval,
                 "step": step, "checkpoint": last_ckpt, "out_dir": cfg.out_dir,
-                "skipped_rows": len(self.train_ds.skipped)}
+                "skipped_rows": len(self.train_ds.skipped), "preempted": stop}
+
+    def _stop_requested(self):
+        """The name of the signal that asked the run to stop, or None. With several ranks
+        they must stop after the same step: one all-reduce of the flag per step."""
+        name = self.preempt.requested if self.preempt is not None else None
+        if self.dist.world > 1 and self.dist.any(name is not None, self.device):
+            return name or "SIGTERM"   # another rank's signal
+        return name
 
     def _flush(self, logger: StepLogger) -> None:
         """Flush the step records; a non-finite one stops the run, saying what was kept."""

@@ -11,7 +11,7 @@ import pytest
 from minorsft import cli
 from minorsft.train import TrainConfig, train
 from minorsft.train.checkpoint import checkpoints, latest_name, prune_checkpoints
-from minorsft.train.config import flag
+from minorsft.train.config import config_from_args, config_to_argv, flag
 
 pytestmark = pytest.mark.no_interpreter
 
@@ -108,6 +108,13 @@ def test_help_shows_every_flag_with_its_default_and_a_description():
         assert m, f.name
         entry = text[m.start(): m.start() + 400]
         assert "(default: " in entry and f.metadata["help"].split()[0] in entry, f.name
+
+
+def test_the_resume_command_round_trips_through_the_parser():
+    cfg = TrainConfig(loss="dpo", beta=0.3, data="d.jsonl", max_steps=7, clip_grad=None, bf16=False, fsdp=True,
+                      skip_nonfinite=2, save_total_limit=3, out_dir="runs/x y", resume="latest")
+    args = cli.build_parser().parse_args(["train", *config_to_argv(cfg)])
+    assert config_from_args(args) == cfg
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path, synth):
