@@ -127,7 +127,7 @@ def read_trainer_state(path: str) -> dict:
     try:
         with open(file, encoding="utf-8") as f:
             state = json.load(f)
-        int(state["step"]), dict(state["config"])
+        int(state["step"]), dict(state["config"])   # the keys a resume reads, of their types
     except FileNotFoundError:
         raise VerifyError(file, "missing") from None
     except (ValueError, KeyError, TypeError) as e:
