@@ -115,3 +115,11 @@ def test_stale_temporaries_are_removed_at_start(tmp_path):
     prepare_out_dir(str(out), resume=None, overwrite=False, log=logged.append)
     assert not any(p.exists() for p in stale) and not (out / ".tmp-checkpoint-5-42").exists()
     assert (out / "notes.txt").exists() and len(logged) == 3
+
+
+def test_resuming_another_folders_checkpoint_into_a_used_folder_is_refused(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(ConfigError, match="would mix the two runs' metrics"):
+        check_out_dir(str(tmp_path), resume=str(tmp_path.parent / "elsewhere" / "checkpoint-4"), overwrite=False)
+    check_out_dir(str(tmp_path), resume=str(tmp_path / "checkpoint-1"), overwrite=False)   # its own: fine
