@@ -4,8 +4,9 @@
 CLI group and whether a ``--resume`` must match the checkpoint (``metadata``). From it:
 :func:`validate_config` (every field's check, then the rules between fields),
 :func:`resume_fields` (what a checkpoint records and a resume compares), and the
-``minorsft train`` parser (:func:`add_arguments`, :func:`config_from_args`). A flag is
-declared in one place: its field.
+``minorsft train`` parser (:func:`add_arguments`, :func:`config_from_args`) and its
+inverse (:func:`config_to_argv`, the command that resumes a run). A flag is declared in
+one place: its field.
 
 Errors are :class:`ConfigError` naming the field (``beta: must be ...``); the CLI
 prints the same message with the flag's spelling (``--beta: must be ...``).
@@ -76,9 +77,23 @@ def existing_path(value) -> None:
         raise ValueError(f"no such file or directory: {value}")
 
 
+# A Hugging Face model folder has config.json and one of these (sharded: the index).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def model_path(value) -> None:
-    if value != "tiny":
-        existing_path(value)
+    """``"tiny"``, or a local Hugging Face model folder: config.json and weights."""
+    if value == "tiny":
+        return
+    existing_path(value)
+    if not os.path.isdir(value):
+        raise ValueError(f"{value} is a file; expected a Hugging Face model folder "
+                         f"(config.json and weights) or 'tiny'")
+    if not os.path.isfile(os.path.join(value, "config.json")):
+        raise ValueError(f"{value} holds no model: config.json is missing")
+    if not any(os.path.isfile(os.path.join(value, w)) for w in WEIGHT_FILES):
+        raise ValueError(f"{value} holds no model weights (none of {', '.join(WEIGHT_FILES)})")
 
 
 def device_name(value) -> None:
@@ -101,9 +116,12 @@ def loss_option(name: str) -> Callable:
 
 
 def option(default, help: str, *, group: str, check: Optional[Callable] = None, choices=None,
-           resume: bool = False, type=None):
+           resume=False, type=None):
     """A :class:`TrainConfig` field: ``default`` plus what the parser, the validation and
-    the resume check need (``type``: the CLI value type when ``default`` is None)."""
+    the resume check need (``type``: the CLI value type when ``default`` is None).
+    ``resume``: ``True`` when it changes the trajectory (a resume must match the
+    checkpoint), ``"extend"`` for the run's length (a resume may change it, but not end
+    before the checkpoint's step), ``False`` otherwise."""
     return field(default=default, metadata=dict(help=help, group=group, check=check,
                                                  choices=choices, resume=resume, type=type))
 
@@ -160,11 +178,12 @@ class TrainConfig:
                                resume=True)
     schedule: str = option("cosine", "learning-rate schedule after warmup", group="optimisation",
                            choices=SCHEDULES, resume=True)
-    max_steps: Optional[int] = option(None, "optimiser steps (default: --epochs over the data)",
-                                      group="optimisation", check=positive_int, resume=True,
-                                      type=int)
-    epochs: float = option(1.0, "passes over the data when --max-steps is not given",
-                           group="optimisation", check=positive_float, resume=True)
+    max_steps: Optional[int] = option(None, "optimiser steps (default: --epochs over the data); "
+                                      "a resume may extend it", group="optimisation",
+                                      check=positive_int, resume="extend", type=int)
+    epochs: float = option(1.0, "passes over the data when --max-steps is not given; a resume "
+                           "may extend it", group="optimisation", check=positive_float,
+                           resume="extend")
     clip_grad: Optional[float] = option(1.0, "gradient-norm clipping (0 or None: off)",
                                         group="optimisation", check=nonneg_float, resume=True,
                                         type=float)
@@ -174,6 +193,9 @@ class TrainConfig:
                                           group="optimisation")
     seed: int = option(0, "data order and initialisation seed", group="optimisation",
                        check=nonneg_int, resume=True)
+    skip_nonfinite: int = option(0, "skip up to N optimiser steps whose loss or gradient norm is "
+                                 "not finite, logged (0: the first one stops the run and nothing "
+                                 "of it is saved)", group="optimisation", check=nonneg_int)
     device: Optional[str] = option(None, "device (default: this rank's GPU, else the CPU; the "
                                    "MINORSFT_DEVICE variable sets it too)", group="optimisation",
                                    check=device_name, type=str)
@@ -192,8 +214,11 @@ class TrainConfig:
     track_deviation: bool = option(False, "sft: keep a reference to report the deviation metric",
                                    group="reference model", resume=True)
     # logging, eval, checkpoints
-    out_dir: str = option("runs/minorsft", "output folder: metrics, checkpoints",
-                          group="logging, eval, checkpoints")
+    out_dir: str = option("runs/minorsft", "output folder: metrics, checkpoints (one run at a "
+                          "time: locked while a run uses it)", group="logging, eval, checkpoints")
+    overwrite: bool = option(False, "start afresh in an OUT_DIR that holds a previous run: its "
+                             "metrics and checkpoints move to OUT_DIR/previous-<time>/ (nothing "
+                             "is deleted)", group="logging, eval, checkpoints")
     run_name: Optional[str] = option(None, "name shown on the progress bar and in the metrics",
                                      group="logging, eval, checkpoints", type=str)
     log_every: int = option(10, "optimiser steps between metric lines",
@@ -210,8 +235,12 @@ class TrainConfig:
                                  group="logging, eval, checkpoints")
     save_every: int = option(0, "steps between checkpoints (0: at the end only)",
                              group="logging, eval, checkpoints", check=nonneg_int)
-    resume: Optional[str] = option(None, "a checkpoint folder, or 'latest' (the one "
-                                   "OUT_DIR/latest names)", group="logging, eval, checkpoints",
+    save_total_limit: Optional[int] = option(None, "keep only the newest N checkpoints, never the "
+                                             "one OUT_DIR/latest names (default: keep all)",
+                                             group="logging, eval, checkpoints",
+                                             check=positive_int, type=int)
+    resume: Optional[str] = option(None, "a checkpoint folder, or 'latest' (the newest checkpoint "
+                                   "of OUT_DIR that verifies)", group="logging, eval, checkpoints",
                                    type=str)
     progress: bool = option(True, "tqdm progress bar", group="logging, eval, checkpoints")
     print_steps: bool = option(False, "print a line per logged step",
@@ -229,8 +258,9 @@ class TrainConfig:
 
 
 def resume_fields() -> tuple:
-    """Fields that must match when resuming (they change the trajectory)."""
-    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"])
+    """Fields that must match when resuming (``resume=True``: they change the trajectory;
+    the run's length, ``resume="extend"``, may change)."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] is True)
 
 
 def _check_fields(cfg: TrainConfig) -> None:
@@ -265,6 +295,19 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.precompute_ref and not cfg.uses_reference():
         raise ConfigError("precompute_ref", "the 'sft' loss uses no reference (unless "
                           "track_deviation is set)")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: TrainConfig) -> None:
+    """Flags that would be silently ignored, or would silently mean something else."""
+    if cfg.data is not None and cfg.eval_data is None:   # no --data: the synthetic eval set
+        for name in ("eval_every", "eval_generate"):
+            if getattr(cfg, name):
+                raise ConfigError(name, "needs --eval-data (held-out data to evaluate on)")
+    if "loss_type" in ms.LOSSES[cfg.loss].options and cfg.loss_type == "robust" \
+            and cfg.label_smoothing == 0:
+        raise ConfigError("loss_type", "robust needs --label-smoothing > 0 (with 0 it is the "
+                                       "sigmoid loss: use --loss-type sigmoid)")
 
 
 # ------------------------------------------------------------------ the CLI parser
@@ -289,6 +332,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         if meta["choices"] is not None:
             kw["choices"] = meta["choices"]
         group.add_argument(flag(f.name), **kw)
+
+
+def config_to_argv(cfg) -> list:
+    """The flags that give ``cfg`` back through the parser: one per field that differs from
+    its default (``--clip-grad 0`` for no clipping)."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if isinstance(f.default, bool):
+            argv.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:   # None where the default is not: the CLI spells "off" as 0
+            argv += [flag(f.name), "0" if value is None else str(value)]
+    return argv
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig):

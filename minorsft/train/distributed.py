@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -30,6 +30,39 @@ class Dist:
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+    def any(self, flag, device) -> bool:
+        """Whether ``flag`` (a bool or a one-element tensor) is true on any rank: one
+        all-reduce and one host read with several ranks, ``bool(flag)`` with one."""
+        if self.world <= 1:
+            return bool(flag)
+        t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1).clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def share(self, fn: Callable):
+        """``fn()`` run on rank 0 only, its result given to every rank (a broadcast). A
+        ``ConfigError`` it raises is raised on every rank (another error: a RuntimeError
+        on the others), so no rank waits for a rank that gave up."""
+        if self.world <= 1:
+            return fn()
+        from minorsft.train.config import ConfigError
+        box, error = [None], None
+        if self.main:
+            try:
+                box[0] = ("ok", fn())
+            except ConfigError as e:
+                box[0], error = ("config", e.field, e.message), e
+            except Exception as e:
+                box[0], error = ("error", f"rank 0: {type(e).__name__}: {e}"), e
+        torch.distributed.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if box[0][0] == "config":
+            raise ConfigError(box[0][1], box[0][2])
+        if box[0][0] == "error":
+            raise RuntimeError(box[0][1])
+        return box[0][1]
 
 
 def init_distributed(device: Optional[str] = None) -> Dist:

@@ -11,10 +11,13 @@ step (label tokens for ``sft`` through ``num_items_in_batch``; sequences or pair
 the others), counted on the host from the token lists, so gradient accumulation and
 data parallelism give the same gradient as one big batch and nothing syncs.
 
-A run is a :class:`Run`: named setup steps (output folder, data, model, reference,
-policy, optimiser, resume), then a short step loop. Checkpoints live in
+A run is a :class:`Run`: named setup steps (data, model, reference, policy, optimiser,
+resume), then a short step loop. Before it, :func:`train` checks the arguments and takes
+the output folder (:mod:`~minorsft.train.outdir`: its lock, a refused rerun, ``--overwrite``)
+and finds the verified checkpoint to resume from. Checkpoints live in
 :mod:`~minorsft.train.checkpoint`, the process group in :mod:`~minorsft.train.distributed`,
-metrics in :mod:`~minorsft.train.metrics`.
+metrics (and the non-finite check at their flush) in :mod:`~minorsft.train.metrics`,
+signal handling in :mod:`~minorsft.train.preempt`.
 """
 from __future__ import annotations
 
@@ -30,42 +33,103 @@ import torch
 import minorsft as ms
 from minorsft.train import data as D
 from minorsft.train import reference as R
-from minorsft.train.checkpoint import (check_resume_config, check_resume_data, load_training_state,
-                                       read_trainer_state, repair_checkpoint_debris, resolve_resume,
-                                       save_checkpoint)
+from minorsft.train.checkpoint import (check_resume_config, check_resume_data, check_resume_target,
+                                       checkpoints, find_resume, latest_name, load_training_state,
+                                       read_trainer_state, resolved_paths, save_checkpoint)
 from minorsft.train.config import DTYPES, ConfigError, TrainConfig, resume_fields, validate_config
 from minorsft.train.distributed import Dist, init_distributed, select_device, wrap_model
 from minorsft.train.evaluate import evaluate
-from minorsft.train.metrics import MetricsLog, StepLogger, StepRecord, say
+from minorsft.train.manifest import VerifyError
+from minorsft.train.metrics import MetricsLog, NonFiniteError, StepLogger, StepRecord, say
 from minorsft.train.optim import build_optimizer
+from minorsft.train.outdir import OutDirLock, check_out_dir, prepare_out_dir
+from minorsft.train.preempt import Preemption
 from minorsft.train.step import LossSetup, check_plain_lm_head, compute_loss
 
 
-def check_config(cfg: TrainConfig):
-    """Everything that can be refused before work starts: the configuration, and a
-    ``resume`` checkpoint whose configuration (or world size) differs. Returns
-    ``(resume_path, resume_state)`` (``None, None`` without ``resume``)."""
-    validate_config(cfg)
-    resume_path = resolve_resume(cfg.resume, cfg.out_dir)
-    if resume_path is None:
-        return None, None
-    state = read_trainer_state(resume_path)
+def _check_resume_state(cfg: TrainConfig, path: str, state: dict) -> None:
+    """The checkpoint's configuration (and world size) against ``cfg``; a ``max_steps``
+    ending before its step."""
     check_resume_config(state, {k: getattr(cfg, k) for k in resume_fields()},
                         int(os.environ.get("WORLD_SIZE", "1")))
-    return resume_path, state
+    if cfg.max_steps is not None and cfg.max_steps < int(state["step"]):
+        raise ConfigError("max_steps", f"{cfg.max_steps} ends before the step of the checkpoint "
+                                       f"to resume from ({state['step']}, {path})")
+
+
+def _check_arguments(cfg: TrainConfig):
+    """The checks that change nothing and need no lock: the configuration, the output
+    folder (rank 0), and the checkpoint to resume from. An explicit one is verified and
+    checked here (returns its ``(path, state)``); for ``latest`` (found under the lock,
+    after an interrupted save is repaired) the newest one's state is read unverified and
+    checked against the configuration, so a mismatch is refused before any work."""
+    validate_config(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    check_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    check_resume_target(cfg.resume, cfg.out_dir)
+    if cfg.resume != "latest":
+        return _resume_point(cfg, log=lambda m: None) if cfg.resume is not None else None
+    for _step, path in checkpoints(cfg.out_dir):
+        try:
+            state = read_trainer_state(path)
+        except VerifyError:
+            continue
+        _check_resume_state(cfg, path, state)
+        break
+    return None
+
+
+def _resume_point(cfg: TrainConfig, log):
+    """``(path, state)`` of the verified checkpoint to resume from (``None, None`` without
+    ``resume``), its configuration checked against ``cfg``."""
+    path, state = find_resume(cfg.resume, cfg.out_dir, log=log)
+    if path is not None:
+        _check_resume_state(cfg, path, state)
+    return path, state
+
+
+def check_config(cfg: TrainConfig):
+    """Everything that can be refused before work starts, changing nothing: the
+    configuration, the output folder (a file, not writable, a previous run without
+    ``resume`` / ``overwrite``) and a ``resume`` checkpoint that does not verify or whose
+    configuration (or world size) differs. Returns ``(resume_path, resume_state)``
+    (``None, None`` without ``resume``). :func:`train` runs the same checks, the resume
+    search under the output folder's lock, after repairing an interrupted save."""
+    return _check_arguments(cfg) or _resume_point(cfg, log=lambda m: None)
+
+
+def _claim_out_dir(cfg: TrainConfig, lock: OutDirLock, checked):
+    """Rank 0, before the run reads its output folder: take the folder's lock, tidy it
+    (stale temporaries, an interrupted save, ``--overwrite``) and find the checkpoint to
+    resume from (``checked``: the one :func:`_check_arguments` verified, if any)."""
+    lock.acquire()
+    log = lambda m: say(True, m)   # noqa: E731
+    prepare_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, log=log)
+    return checked or _resume_point(cfg, log)
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns ``{"history", "evals", "final_eval", "step",
-    "checkpoint", "out_dir", "skipped_rows"}`` (history: one dict per optimiser step with
-    ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at each log interval)."""
-    resume_path, resume_state = check_config(cfg)
+    "checkpoint", "out_dir", "skipped_rows", "preempted"}`` (history: one dict per
+    optimiser step with ``loss``, ``lr``, ``grad_norm`` and the loss metrics, gathered at
+    each log interval; ``preempted``: the signal that stopped the run early, or None).
+
+    Raises :class:`ConfigError` before any work for a bad configuration or output folder
+    (also one another run holds), :class:`~minorsft.train.metrics.NonFiniteError` when a
+    step's loss or gradient norm is not finite (nothing of it is saved), and
+    :class:`~minorsft.train.preempt.Preempted` for a stop signal before the first step."""
+    checked = _check_arguments(cfg)
     dist = init_distributed(cfg.device)
+    lock = OutDirLock(cfg.out_dir)
     try:
-        run = Run(cfg, dist)
-        run.setup(resume_path, resume_state)
-        return run.loop()
+        with Preemption(announce=dist.main) as preempt:
+            resume_path, resume_state = dist.share(lambda: _claim_out_dir(cfg, lock, checked))
+            run = Run(cfg, dist, preempt)
+            run.setup(resume_path, resume_state)
+            return run.loop()
     finally:
+        lock.release()
         if dist.owns_group:
             torch.distributed.destroy_process_group()
 
@@ -93,10 +157,11 @@ def load_tokenizer(path):
 class Run:
     """One training run: ``setup`` (the named steps below), then ``loop``."""
 
-    def __init__(self, cfg: TrainConfig, dist: Dist):
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg: TrainConfig, dist: Dist, preempt: Preemption | None = None):
+        self.cfg, self.dist, self.preempt = cfg, dist, preempt
         self.setup_loss = LossSetup.from_config(cfg)
         self.kind = "pairs" if self.setup_loss.spec.pairs else "sft"
+        self.skipped_steps = 0   # non-finite steps skipped so far (--skip-nonfinite)
 
     # ---------------------------------------------------------------- setup steps
 
@@ -105,7 +170,7 @@ class Run:
         hf_logging.disable_progress_bar()
         self.device = select_device(self.cfg.device, self.dist)
         ms.take_label_errors(self.device)         # the run reports its own bad labels only
-        self._setup_out_dir()
+        self._setup_seeds()
         self._setup_data(resume_state)           # a bad row is refused before any model is built
         model = self._setup_model()
         self.reference = self._setup_reference(model)
@@ -113,10 +178,7 @@ class Run:
         self._setup_optimizer()
         self.start_step = self._resume(resume_path, resume_state)
 
-    def _setup_out_dir(self) -> None:
-        os.makedirs(self.cfg.out_dir, exist_ok=True)
-        if self.dist.main:
-            repair_checkpoint_debris(self.cfg.out_dir)
+    def _setup_seeds(self) -> None:
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
 
@@ -126,6 +188,7 @@ class Run:
             return cfg.data, cfg.eval_data
         from minorsft.train.tiny import write_synthetic_dataset
         d = os.path.join(cfg.out_dir, "data")
+        say(self.dist.main, f"no --data: training on the built-in synthetic task set ({d})")
         if self.dist.main and not os.path.exists(os.path.join(d, "eval.jsonl")):
             write_synthetic_dataset(d, seed=cfg.seed)
         self.dist.barrier()
@@ -133,12 +196,18 @@ class Run:
 
     def _setup_data(self, resume_state) -> None:
         cfg = self.cfg
+        if cfg.model is None:
+            say(self.dist.main, "no --model: training the built-in tiny model (a 0.1M-parameter "
+                                "Llama with a character tokenizer, for trying things out)")
         self.tokenizer = load_tokenizer(cfg.model)
         train_path, eval_path = self._data_paths()
         load = dict(max_length=cfg.max_length, kind=self.kind, skip_bad_rows=cfg.skip_bad_rows)
         self.train_ds = D.load_dataset(train_path, self.tokenizer, **load)
+        self.train_path = train_path
         if resume_state is not None:
-            check_resume_data(resume_state, self.train_ds.fingerprint)
+            check_resume_data(resume_state, self.train_ds.fingerprint, train_path,
+                              log=lambda m: say(self.dist.main, m))
+        self._setup_length(resume_state)
         self.eval_ds = (D.load_dataset(eval_path, self.tokenizer, limit=cfg.eval_limit, **load)
                         if eval_path else None)
         if self.train_ds.skipped:
@@ -197,10 +266,19 @@ class Run:
         self.unwrapped = model
         self.model = wrap_model(model, self.dist, self.device, fsdp=self.cfg.fsdp)
 
-    def _setup_optimizer(self) -> None:
+    def _setup_length(self, resume_state) -> None:
+        """Examples per step and the run's length; a resume may change the length
+        (``--max-steps`` / ``--epochs``), not end before the checkpoint's step."""
         cfg = self.cfg
         self.per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_ds) / self.per_step))
+        if resume_state is not None and self.total_steps < int(resume_state["step"]):
+            raise ConfigError("max_steps" if cfg.max_steps else "epochs",
+                              f"the run would end at step {self.total_steps}, before the step of "
+                              f"the checkpoint to resume from ({resume_state['step']})")
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
         self.optimizer, self.scheduler = build_optimizer(
             self.unwrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
             schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps)
@@ -211,6 +289,11 @@ class Run:
             self.log.start(None)
             return 0
         load_training_state(resume_path, self.unwrapped, self.optimizer, self.scheduler)
+        # The optimizer carries the rate of the checkpoint's schedule; recompute it from this
+        # run's (the same value, unless --max-steps / --epochs changed the run's length).
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()
+        self.skipped_steps = int(resume_state.get("skipped_nonfinite", 0))
         step = int(resume_state["step"])
         self.log.start(step)
         say(self.dist.main, f"resumed from {resume_path} at step {step}")
@@ -228,27 +311,54 @@ class Run:
                    file=sys.stderr)
         logger = StepLogger(self.log, keys, world=self.dist.world, device=self.device, bar=bar,
                             print_steps=cfg.print_steps, vocab=self.vocab)
-        step, last_ckpt = self.start_step, None
+        step, last_ckpt, stop = self.start_step, None, None
+        if self.preempt is not None:
+            self.preempt.deferring = True   # a signal now ends the run after this step
         for step in range(self.start_step + 1, self.total_steps + 1):
             record, tokens = self._train_step(step, keys)
             logger.add(record, tokens)
             bar.update(1)
             final = step == self.total_steps
-            if step % cfg.log_every == 0 or final:
-                logger.flush()
+            stop = self._stop_requested()
+            # Every flush checks the values it reads (NonFiniteError): before each checkpoint.
+            if step % cfg.log_every == 0 or final or stop or record.halt:
+                self._flush(logger)
+            if stop:
+                break
             if cfg.eval_every and step % cfg.eval_every == 0 and not final:
-                logger.flush()
+                self._flush(logger)
                 self._evaluate(step)
             if cfg.save_every and step % cfg.save_every == 0 and not final:
-                logger.flush()
+                self._flush(logger)
                 last_ckpt = self._save(step)
-        logger.flush()
+        self._flush(logger)
         bar.close()
-        final_eval = self._evaluate(step)
+        final_eval = None if stop else self._evaluate(step)
         last_ckpt = self._save(step)
+        if stop:
+            say(self.dist.main, f"{stop}: stopped after step {step}; checkpoint {last_ckpt}")
         return {"history": self.log.history, "evals": self.log.evals, "final_eval": final_eval,
                 "step": step, "checkpoint": last_ckpt, "out_dir": cfg.out_dir,
-                "skipped_rows": len(self.train_ds.skipped)}
+                "skipped_rows": len(self.train_ds.skipped), "preempted": stop}
+
+    def _stop_requested(self):
+        """The name of the signal that asked the run to stop, or None. With several ranks
+        they must stop after the same step: one all-reduce of the flag per step."""
+        name = self.preempt.requested if self.preempt is not None else None
+        if self.dist.world > 1 and self.dist.any(name is not None, self.device):
+            return name or "SIGTERM"   # another rank's signal
+        return name
+
+    def _flush(self, logger: StepLogger) -> None:
+        """Flush the step records; a non-finite one stops the run, saying what was kept."""
+        try:
+            logger.flush()
+        except NonFiniteError as e:
+            named = latest_name(self.cfg.out_dir)
+            kept = (f"{os.path.join(self.cfg.out_dir, 'latest')} still names {named}" if named
+                    else "no checkpoint was written")
+            raise NonFiniteError(e.step, f"{e}; the run stopped, nothing from step {e.step} on was "
+                                 f"saved ({kept}); try a lower --lr, or --skip-nonfinite N") from None
 
     def _micro_batches(self, step: int):
         """The step's global batch as ``grad_accum`` micro-batches of examples (all ranks)."""
@@ -279,9 +389,10 @@ class Run:
         if cfg.dump_grads and step == self.start_step + 1:
             _dump_grads(cfg.dump_grads, self.unwrapped, dist)
         lr = self.scheduler.get_last_lr()[0]   # the rate this step uses
-        record = StepRecord(step, step_loss, self._optimizer_step(), lr, step_metrics,
-                            label_errors=ms.take_label_errors(self.device))   # read at the flush
-        return record, tokens
+        grad_norm, verdict = self._optimizer_step(step, step_loss)
+        return StepRecord(step, step_loss, grad_norm, lr, step_metrics,
+                          label_errors=ms.take_label_errors(self.device),   # read at the flush
+                          skipped=verdict == "skipped", halt=verdict == "halt"), tokens
 
     def _micro_step(self, examples, *, last: bool, num_items, denom):
         """Forward and backward of this rank's share of one micro-batch."""
@@ -304,8 +415,9 @@ class Run:
             (loss * W).backward()
         return loss, m, tokens
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, step, schedule, zero; returns the gradient norm (a device tensor)."""
+    def _optimizer_step(self, step: int, step_loss: torch.Tensor):
+        """Clip, step, schedule, zero; returns ``(gradient norm (a device tensor), verdict)``,
+        ``verdict`` None (stepped), ``"skipped"`` or ``"halt"`` (see :meth:`_check_finite`)."""
         params = list(self.unwrapped.parameters())
         if self.cfg.clip_grad:
             gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
@@ -313,11 +425,32 @@ class Run:
             gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
-        self.optimizer.step()
+        verdict = self._check_finite(step, step_loss, gn) if self.cfg.skip_nonfinite else None
+        if verdict is None:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # identical on every rank; the logger averages it after the cross-rank sum
-        return gn.detach().float().to(self.device)
+        return gn.detach().float().to(self.device), verdict
+
+    def _check_finite(self, step: int, step_loss: torch.Tensor, gn: torch.Tensor):
+        """With ``--skip-nonfinite N``: None when the step's loss and gradient norm are finite
+        (on every rank), else ``"skipped"`` (no update; up to N times) or ``"halt"`` (N spent:
+        no update, and the loop's next flush stops the run).
+
+        This reads one scalar per optimiser step on the host, only with the option: a
+        skip must be decided before ``optimizer.step()``. Without it the loop finds a
+        non-finite step where it already synchronises (the log flush, which precedes
+        every checkpoint), and the loss path itself never syncs."""
+        bad = ~(torch.isfinite(step_loss.float()) & torch.isfinite(gn.float()))
+        if not self.dist.any(bad, self.device):
+            return None
+        if self.skipped_steps >= self.cfg.skip_nonfinite:
+            return "halt"
+        self.skipped_steps += 1
+        say(self.dist.main, f"step {step}: the loss or gradient norm is not finite: optimiser update "
+                            f"skipped ({self.skipped_steps} of --skip-nonfinite {self.cfg.skip_nonfinite})")
+        return "skipped"
 
     def _evaluate(self, step: int):
         if self.eval_ds is None:
@@ -334,10 +467,13 @@ class Run:
         return res
 
     def _save(self, step: int) -> str:
+        resolved = {**resolved_paths(dataclasses.asdict(self.cfg)), "data": os.path.realpath(self.train_path)}
         return save_checkpoint(self.cfg.out_dir, self.dist, self.unwrapped, self.tokenizer,
                                self.optimizer, self.scheduler, step=step, position=step * self.per_step,
                                config=dataclasses.asdict(self.cfg),
-                               data_fingerprint=self.train_ds.fingerprint)
+                               data_fingerprint=self.train_ds.fingerprint,
+                               extra={"skipped_nonfinite": self.skipped_steps, "resolved": resolved},
+                               keep_last=self.cfg.save_total_limit)
 
 
 def _dump_grads(path, unwrapped, dist):

@@ -1,8 +1,15 @@
 """Metrics of a training run: step records kept on the device until a log interval, then
-read in one host synchronisation, written to ``metrics.jsonl`` and shown on the progress bar."""
+read in one host synchronisation, written to ``metrics.jsonl`` and shown on the progress bar.
+
+That read is also where a non-finite loss or gradient norm is found without a sync of its
+own: :meth:`StepLogger.flush` raises :class:`NonFiniteError` naming the step, and the loop
+flushes before every checkpoint, so a non-finite state is never saved. ``metrics.jsonl``
+stays strict JSON: a non-finite value is written as ``null``. A label that is no token
+(the library's label flag, taken after each step) is reported there too, naming its step."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -18,15 +25,35 @@ from minorsft.train.checkpoint import atomic_write
 @dataclass
 class StepRecord:
     """One optimiser step before it is logged: the summed loss, the gradient norm, the
-    loss's progress metrics and the label flag (``ms.take_label_errors``: bad-label count,
-    one value) as device tensors (no sync), and the learning rate."""
+    loss's progress metrics and the label flag as device tensors (no sync), and the
+    learning rate."""
 
     step: int
     loss: torch.Tensor
     grad_norm: torch.Tensor
     lr: float
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
-    label_errors: Optional[torch.Tensor] = None
+    label_errors: Optional[torch.Tensor] = None   # ms.take_label_errors(): count, one value
+    skipped: bool = False   # a non-finite step whose optimiser update was skipped (--skip-nonfinite)
+    halt: bool = False      # a non-finite step found at once, no skip left: flush now (it stops)
+
+
+class NonFiniteError(FloatingPointError):
+    """A step whose loss or gradient norm is not finite; ``step`` names it. Nothing from
+    that step on is saved."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def json_safe(rec: dict) -> dict:
+    """``rec`` with every non-finite float replaced by None (``null``: strict JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "null" if value is None else format(value, spec)
 
 
 def peak_memory_gb(device) -> float:
@@ -60,23 +87,34 @@ class MetricsLog:
         self.evals: List[dict] = []
 
     def start(self, resume_step: Optional[int]) -> None:
+        """Begin the file: empty for a fresh run; for a resumed one, the lines up to
+        ``resume_step``. A line that is not JSON (a write cut by a kill) is dropped and named."""
         if not self.main:
             return
         kept = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for lineno, line in enumerate(f, start=1):
+                    try:
+                        rec = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        say(True, f"{self.path}:{lineno}: not a JSON line (cut by a kill?): dropped")
+                        continue
+                    if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write(self.path, "".join(kept))
 
     def write(self, rec: dict) -> None:
+        """Append ``rec`` (rank 0) as one strict JSON line (non-finite values: ``null``)."""
         if self.run_name:
             rec["run"] = self.run_name
         if self.main:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
 
     def add_eval(self, step: int, values: dict) -> dict:
-        rec = {"split": "eval", "step": step, **values}
+        """Write and keep an evaluation record."""
+        rec = json_safe({"split": "eval", "step": step, **values})
         self.write(rec)
         self.evals.append(rec)
         return rec
@@ -89,8 +127,7 @@ class StepLogger:
     def __init__(self, log: MetricsLog, metric_keys, *, world: int, device, bar, print_steps=False,
                  vocab: Optional[int] = None):
         self.log, self.keys, self.world, self.device = log, list(metric_keys), world, device
-        self.vocab = vocab
-        self.bar, self.print_steps = bar, print_steps
+        self.bar, self.print_steps, self.vocab = bar, print_steps, vocab
         self.pending: List[StepRecord] = []
         self.tokens, self.t_last = 0, time.perf_counter()
 
@@ -111,41 +148,54 @@ class StepLogger:
         return vals.tolist()
 
     def flush(self) -> None:
-        """Write the pending records; ``ValueError`` at the first step whose labels held a
-        value that is no token (the records before it are written first)."""
+        """Read, write and show the pending records; then raise :class:`NonFiniteError` for
+        the first one (not skipped) whose loss or gradient norm is not finite, or a
+        ``ValueError`` for the first whose labels held a value that is no token (only the
+        records before that one are written)."""
         if not self.pending:
             return
         records, rows = self.pending, self._read()
         self.pending = []
-        bad = next((i for i, row in enumerate(rows) if row[-2]), None)
-        self._write(records[:bad], rows[:bad])
+        cut = next((i for i, row in enumerate(rows) if row[-2]), None)
+        bad = self._write(records[:cut], rows[:cut])
         if bad is not None:
-            ms.raise_label_errors(rows[bad][-2:], f"step {records[bad].step}", self.vocab)
+            raise bad
+        if cut is not None:
+            ms.raise_label_errors(rows[cut][-2:], f"step {records[cut].step}", self.vocab)
 
-    def _write(self, records: List[StepRecord], rows: list) -> None:
+    def _write(self, records: List[StepRecord], rows: list) -> Optional[NonFiniteError]:
+        """Write ``records``; the :class:`NonFiniteError` of the first non-finite one."""
         if not records:
-            return
+            return None
         now = time.perf_counter()
         tps = self.tokens * self.world / max(now - self.t_last, 1e-9)
         self.tokens, self.t_last = 0, now
         mem = peak_memory_gb(self.device)
+        bad = None
         for p, row in zip(records, rows):
             rec = {"split": "train", "step": p.step, "loss": row[0], "grad_norm": row[1], "lr": p.lr}
             rec.update({k: row[2 + i] for i, k in enumerate(self.keys)})
             rec.update({"tokens_per_s": tps, "peak_mem_gb": mem})
+            if p.skipped:
+                rec["skipped"] = True
+            elif bad is None and not (math.isfinite(row[0]) and math.isfinite(row[1])):
+                bad = NonFiniteError(p.step, f"step {p.step}: loss {row[0]}, grad_norm {row[1]}: "
+                                             f"not finite")
+            rec = json_safe(rec)
             self.log.write(rec)
             self.log.history.append(rec)
             if self.print_steps:
-                say(self.log.main, "train step %4d  loss=%.4f" % (rec["step"], rec["loss"]) + "".join(
-                    f"  {k}={rec[k]:.4f}" for k in ("deviation", "rewards/accuracies") if k in rec))
+                say(self.log.main, "train step %4d  loss=%s" % (rec["step"], _fmt(rec["loss"])) + "".join(
+                    f"  {k}={_fmt(rec[k])}" for k in ("deviation", "rewards/accuracies") if k in rec))
         self._postfix(self.log.history[-1], tps, mem)
+        return bad
 
     def _postfix(self, last: dict, tps: float, mem: float) -> None:
-        post = {"loss": f"{last['loss']:.4f}"}
+        post = {"loss": _fmt(last["loss"])}
         if "deviation" in last:
-            post["dev"] = f"{last['deviation']:.4f}"
+            post["dev"] = _fmt(last["deviation"])
         if "rewards/accuracies" in last:
-            post["acc"] = f"{last['rewards/accuracies']:.3f}"
+            post["acc"] = _fmt(last["rewards/accuracies"], ".3f")
         post["tok/s"] = f"{tps:.0f}"
         post["mem"] = f"{mem:.2f}G"
         self.bar.set_postfix(post, refresh=False)

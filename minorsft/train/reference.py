@@ -7,7 +7,9 @@
     safetensors keyed by a hash of (model weights, tokenised data, max length), so
     training then runs without the reference model in memory.
 
-Loading the cache never unpickles anything (safetensors holds only tensors).
+Loading the cache never unpickles anything (safetensors holds only tensors). Each cache
+file records the SHA-256 of its table in its header; a file that fails that check (or
+cannot be read, or has the wrong shape) is recomputed, never used (:func:`read_cache`).
 """
 from __future__ import annotations
 
@@ -96,19 +98,18 @@ def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int
     came from the cache ``{cache_dir}/ref-{key}.safetensors`` (written atomically on a
     miss; no cache when ``cache_dir`` is None).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     key = cache_key(model_hash or model_fingerprint(model), dataset.fingerprint, max_length,
                     temperature, str(autocast_dtype))
     path = os.path.join(cache_dir, f"ref-{key}.safetensors") if cache_dir else None
     n = len(dataset)
     if path and os.path.exists(path):
-        table = load_file(path)["ref_logps"]
-        expected = (n, 2) if dataset.kind == "pairs" else (n,)
-        if tuple(table.shape) == expected:
+        table, problem = read_cache(path, (n, 2) if dataset.kind == "pairs" else (n,))
+        if problem is None:
             log(f"reference cache hit: {path}")
             return table, True
-        log(f"reference cache {path} has shape {tuple(table.shape)}, expected {expected}: recomputing")
+        log(f"reference cache {path} {problem}: recomputing")
     log(f"reference cache miss: computing reference log-probs for {n} examples")
     was_training = model.training
     model.eval()
@@ -129,10 +130,38 @@ def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file({"ref_logps": table}, tmp, metadata={"key": key, "kind": dataset.kind,
-                                                        "source": str(dataset.source)})
+                                                        "source": str(dataset.source),
+                                                        "sha256": table_digest(table)})
         os.replace(tmp, path)
         log(f"reference cache written: {path}")
     return table, False
+
+
+def table_digest(table: torch.Tensor) -> str:
+    """SHA-256 of a cache table: its dtype, shape and bytes."""
+    h = hashlib.sha256(f"{table.dtype}:{tuple(table.shape)}:".encode())
+    h.update(table.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_cache(path: str, expected_shape: tuple):
+    """``(table, None)`` when the cache file at ``path`` verifies (a readable safetensors
+    file whose table matches the SHA-256 its header records, of ``expected_shape``), else
+    ``(None, why not)``."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            table = f.get_tensor("ref_logps")
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        return None, f"is unreadable ({type(e).__name__}: {e})"
+    if "sha256" not in meta:
+        return None, "records no SHA-256 (written by an older version)"
+    if table_digest(table) != meta["sha256"]:
+        return None, "fails verification: its table's SHA-256 differs from the recorded one"
+    if tuple(table.shape) != tuple(expected_shape):
+        return None, f"has shape {tuple(table.shape)}, expected {tuple(expected_shape)}"
+    return table, None
 
 
 def lookup(table: torch.Tensor, index: torch.Tensor, kind: str) -> torch.Tensor:

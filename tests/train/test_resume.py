@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from minorsft.train import checkpoint as C
+from minorsft.train.manifest import write_manifest
 from minorsft.train import tiny
-from minorsft.train import TrainConfig, check_config, train
+from minorsft.train import ConfigError, TrainConfig, check_config, train
 
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.
@@ -97,7 +98,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, synt
     with open(os.path.join(cfg.out_dir, "latest")) as f:
         assert f.read().strip() == "checkpoint-2"
     assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoint-4"))
-    assert C.resolve_resume("latest", cfg.out_dir).endswith("checkpoint-2")
+    assert C.find_resume("latest", cfg.out_dir)[0].endswith("checkpoint-2")
     assert any(n.startswith(".tmp-checkpoint-4") for n in os.listdir(cfg.out_dir))
     done = train(dataclasses.replace(cfg, resume="latest"))  # picks up at step 2, cleans the debris
     assert [h["step"] for h in done["history"]] == [3, 4]
@@ -117,6 +118,7 @@ def test_loading_a_checkpoint_never_unpickles_code(tmp_path, full_run, monkeypat
     shutil.copytree(os.path.join(cfg.out_dir, "checkpoint-3"), ckpt)
     with open(ckpt / "optimizer.pt", "wb") as f:
         pickle.dump({"state": _Evil()}, f)
+    write_manifest(str(ckpt))   # a forged manifest too: verification passes, loading must not run code
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pickle.UnpicklingError):
         train(dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), resume=str(ckpt)))
@@ -182,9 +184,46 @@ def test_resume_refuses_changed_data_at_the_same_path(tmp_path, full_run, synth)
     import json
     saved = json.load(open(state))
     saved["config"]["data"] = str(edited)           # as if the file had been regenerated in place
+    saved["resolved"]["data"] = os.path.realpath(edited)
     other = tmp_path / "ckpt"
     import shutil
     shutil.copytree(ckpt, other)
     json.dump(saved, open(other / "trainer_state.json", "w"))
+    write_manifest(str(other))
     with pytest.raises(ValueError, match="training data changed"):
         train(dataclasses.replace(cfg, data=str(edited), out_dir=str(tmp_path / "r"), resume=str(other)))
+
+
+def test_resume_accepts_the_same_data_file_by_another_path(tmp_path, full_run, monkeypatch, capsys):
+    """A relative path to the checkpoint's (absolute) data file is the same file; a copy
+    with the same content elsewhere is accepted too (the content is what the run saw)."""
+    cfg, full = full_run
+    ckpt = os.path.join(cfg.out_dir, "checkpoint-3")
+    monkeypatch.chdir(os.path.dirname(cfg.data))
+    rel = train(dataclasses.replace(cfg, data=os.path.basename(cfg.data), out_dir=str(tmp_path / "rel"),
+                                    resume=ckpt, max_steps=4))
+    assert rel["history"][0]["loss"] == full["history"][3]["loss"]
+    import shutil
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(cfg.data, copy)
+    capsys.readouterr()
+    train(dataclasses.replace(cfg, data=str(copy), out_dir=str(tmp_path / "copy"), resume=ckpt, max_steps=4))
+    assert "same tokenised content, accepted" in capsys.readouterr().out
+
+
+def test_resume_may_extend_max_steps_and_follows_the_new_schedule(tmp_path, full_run):
+    cfg, full = full_run
+    longer = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "longer"), max_steps=8,
+                                       resume=os.path.join(cfg.out_dir, "checkpoint-6")))
+    assert [h["step"] for h in longer["history"]] == [7, 8]
+    from minorsft.train.optim import lr_lambda
+    f = lr_lambda(cfg.schedule, cfg.warmup_steps, 8)
+    for h in longer["history"]:            # the rate of the 8-step schedule, from the first resumed step
+        assert h["lr"] == pytest.approx(cfg.lr * f(h["step"] - 1), rel=1e-12)
+    with pytest.raises(ConfigError, match="^max_steps: 2 ends before the step of the checkpoint"):
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "shorter"), max_steps=2,
+                                  resume=os.path.join(cfg.out_dir, "checkpoint-3")))
+    assert not (tmp_path / "shorter").exists()
+    with pytest.raises(ConfigError, match="^epochs: the run would end at step 1, before"):
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / "epochs"), max_steps=None, epochs=0.05,
+                                  resume=os.path.join(cfg.out_dir, "checkpoint-3")))
