@@ -11,8 +11,12 @@ logits have a standard deviation near 2), ``tokens = B * T`` as in ``bench_logpr
 Reference cases use reference hidden states ``[B, T, H]`` through the same (frozen)
 weight, or precomputed reference token log-probs (``*_reflogps``).
 
-Providers: ``minorsft`` (``minorsft.linear.linear_*``), ``eager`` (``hidden @ W^T`` in the
-input dtype, then the fp32 eager loss of ``benchmarks/eager.py``), ``compile``
+Providers: ``minorsft`` (``minorsft.linear.linear_*``: cuBLAS GEMMs on chunks folded by
+the Triton kernel; a scalar loss forms its gradient in the forward), ``minorsft_torch``
+(the same driver with the PyTorch fold), ``gemms`` (the three plain GEMMs of the shape,
+``h W^T``, ``G W``, ``G^T h``, in the input dtype: the bar for the fused path; ``fwd`` is the
+first, ``bwd`` the other two; not checked, it computes no loss), ``eager`` (``hidden @ W^T``
+in the input dtype, then the fp32 eager loss of ``benchmarks/eager.py``), ``compile``
 (``torch.compile`` of that), ``liger`` (``LigerFusedLinearCrossEntropyLoss`` for sft,
 ``LigerFusedLinearDPOLoss`` for dpo), ``cce`` (``cut_cross_entropy.linear_cross_entropy``,
 sft), ``torch_lce`` (``torch.nn.functional.linear_cross_entropy`` where torch has it,
@@ -43,10 +47,7 @@ from benchmarks.bench_logprobs import BETA, Unavailable, batch_shape, fmt_row, t
 
 BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
 ALL_CASES = BASE_CASES + tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
-# minorsft: the Triton tl.dot kernels; minorsft_torch: the same API on the PyTorch
-# backend (cuBLAS matmuls into a bounded fp32 chunk, folded by torch ops), i.e. the
-# "cuBLAS tiles" design to compare against.
-PROVIDERS = ("minorsft", "minorsft_torch", "eager", "compile", "liger", "cce", "torch_lce", "trl")
+PROVIDERS = ("minorsft", "minorsft_torch", "gemms", "eager", "compile", "liger", "cce", "torch_lce", "trl")
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384)
 HIDDEN = 4096
@@ -112,6 +113,24 @@ def reference_output(case: str, inp: LInputs, max_chunk_bytes: int = 2**30) -> t
     tok = tok_of(inp.hidden.detach())
     ref_tok = tok_of(inp.ref_hidden) if inp.ref_hidden is not None else inp.ref_logprobs
     return eager.loss_from_token_logprobs(base_case(case), tok, inp.labels != eager.IGNORE_INDEX, ref_tok, BETA)
+
+
+def gemm_times(inp: LInputs, mode: str, device, args):
+    """``(times, peak, None)`` of the plain GEMMs of the shape (see ``gemms`` above)."""
+    h = inp.hidden.detach().reshape(-1, inp.hidden.shape[-1])
+    w = inp.weight.detach()
+    z = h @ w.t()                                  # the logits-sized operand G of the backward
+
+    def fwd():
+        return torch.mm(h, w.t(), out=z)
+
+    def bwd():
+        return torch.mm(z, w), torch.mm(z.t(), h)
+
+    fn = {"fwd": fwd, "bwd": bwd, "fwd_bwd": lambda: (fwd(), bwd())}[mode]
+    fn()
+    times = U.bench_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
+    return times, U.peak_mem_delta_mib(fn, device), None
 
 
 def applicable(provider: str, case: str) -> bool:
@@ -265,10 +284,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         if not skip:
                             try:
                                 inp = LInputs(case, tokens, vocab, args.hidden, dtype, device, args.seed)
-                                fn = loss_fn_for(provider, case, inp)
-                                g = inp.grad_out if base_case(case) == "token_logprobs" else None
-                                times, peak, err = time_mode(fn, mode, [inp.hidden, inp.weight], g, ref_out,
-                                                             device, args, rtol=RTOL)
+                                if provider == "gemms":
+                                    fn = None
+                                    times, peak, err = gemm_times(inp, mode, device, args)
+                                else:
+                                    fn = loss_fn_for(provider, case, inp)
+                                    g = inp.grad_out if base_case(case) == "token_logprobs" else None
+                                    times, peak, err = time_mode(fn, mode, [inp.hidden, inp.weight], g,
+                                                                 ref_out, device, args, rtol=RTOL)
                             except Unavailable as exc:
                                 err = f"unavailable: {exc}"[:300]
                             except Exception as exc:  # noqa: BLE001

@@ -2,6 +2,7 @@
 backends use them too)."""
 import contextlib
 import os
+from typing import Optional
 
 import torch
 
@@ -46,3 +47,16 @@ def scored_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     the view ``labels[:, 1:]`` (Hugging Face labels: position ``t`` predicts label
     ``t + 1``). A view of the ``[B, T]`` labels: the data pointer moves by one stride."""
     return labels[:, 1:] if shift else labels
+
+
+def fold_scales(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = 0.0):
+    """``(scale2, dscale, pre_cap, softcap)`` of the fold kernels for logits seen as
+    ``capped(z) / temperature``, ``capped(z) = softcap * tanh(logit_scale * z / softcap)``
+    (``logit_scale * z`` without ``softcap``): ``scale2`` multiplies the capped logit into
+    log2 units (the logit scale folded in when there is no soft-capping), ``dscale`` is
+    ``logit_scale / temperature`` (the backward's chain rule), ``pre_cap`` is
+    ``logit_scale / softcap``."""
+    softcap = float(softcap or 0.0)
+    if softcap > 0:
+        return LOG2E / temperature, logit_scale / temperature, logit_scale / softcap, softcap
+    return LOG2E * logit_scale / temperature, logit_scale / temperature, 0.0, 0.0

@@ -1,298 +1,259 @@
-"""Fused linear log-prob kernels: hidden states and lm_head weight in, per-token
-log-probs out, with no ``[N, V]`` logits buffer in either direction.
+"""The fused linear path: hidden states and the lm_head weight in, log-probs (and the
+gradients) out, with no ``[N, V]`` logits buffer.
 
-Token rows ``n = b * T + t`` (``N = B * T``), hidden ``h [B, T, H]``, weight
-``W [V, H]``, optional bias ``c [V]``, temperature ``tau``, ``z = (h W^T + c) / tau``.
+Rows ``n`` are the scored positions (``hidden [B, T, H]`` and ``labels [B, T]``; with
+``shift`` position ``t`` is scored against label ``t + 1``); rows whose label is
+``ignore_index`` are dropped first (compacted: prompt and padding tokens cost no GEMM).
+The rest are cut into chunks of ``R`` rows that fit the memory budget, and per chunk::
 
-Forward (one program per block of ``BLOCK_N`` rows; it sweeps the vocabulary in
-``BLOCK_V`` tiles, each tile a ``tl.dot`` over ``H`` in ``BLOCK_H`` slices)::
+    Z = h W^T (+ b)                     [R, V] in the compute dtype: a cuBLAS GEMM (fp32
+                                        accumulation; TF32 for fp32 inputs only when
+                                        torch.backends.cuda.matmul.allow_tf32 says so)
+    lse, lp = fold forward(Z)           the logits path's kernel (kernels/logprobs.py, or
+                                        its PyTorch mirror): online logsumexp, the label's
+                                        log-prob, soft-capping / logit scale / temperature
+    G = fold backward(Z, coef), in Z    coef (1[v = y] - p) d capped / d z, written in place
+    dH[rows] = G W                      [R, H] GEMM, scattered back to the rows
+    dW += G^T h,  db += sum_rows G      fp32 accumulators across chunks (fixed order)
 
-    lse[n] = logsumexp_v z[n, v]        online across vocabulary tiles, fp32, exp2 form
-    lp[n]  = z[n, y[n]] - lse[n]        0 where y[n] == ignore_index
+Three plans share that chunk step:
 
-The label logit is picked out of the very fp32 tile the logsumexp consumes (a
-compare-and-sum over the tile, no extra memory traffic), so ``lp <= 0`` holds to
-rounding and no second pass over ``W[y]`` is needed.
+- :func:`linear_loss` (the default for a scalar loss with gradients): chunks of whole
+  sequences (both rows of a DPO pair in one chunk), so each sequence's log-prob sum, and
+  with it the loss coefficient ``dL/dS``, is known while the chunk's logits are still in
+  hand: the gradient is formed in the forward. Three GEMMs' worth of work
+  (``2 n V H`` FLOPs each, ``n`` the scored rows); the backward only scales the saved
+  ``dH, dW, db`` by the upstream gradient. When one sequence (or pair) does not fit the
+  budget it runs two passes instead (statistics, then recompute + gradients): four GEMMs.
+- :func:`linear_forward` / :func:`linear_backward` (per-token log-probs: ``reduction="none"``
+  with any upstream gradient, ``token_logprobs``, no-grad): the forward's GEMM + fold,
+  then a backward that recomputes each chunk: four GEMMs in all.
 
-Backward (one program per ``(BLOCK_N rows) x (BLOCK_V columns)`` tile): with
-``g[n] = dLoss/dlp[n]`` (the per-sequence loss coefficient is already inside) and
-``p = exp(z - lse)`` recomputed from the saved ``lse``::
+Bytes beyond the GEMMs' own: the logits chunk is written once and read by the fold
+(forward: ``2 R V e``), read and written once by the fold's backward (``2 R V e``), ``e``
+the compute dtype's size. Memory beyond the inputs and the gradients themselves: one
+``[R, V]`` chunk in the compute dtype (``R = memory_budget / (V e)``), the compacted rows
+``[n, H]``, an fp32 ``[V, H]`` accumulator of ``dW`` (and ``[V]`` of ``db``) for
+low-precision weights, a copy of ``W`` in the activations' dtype when the lm_head is kept
+in fp32 under autocast, and ``O(n)`` per-row vectors. Nothing here is ``N x V``.
 
-    G[n, v] = g[n] / tau * (1[v == y[n]] - p[n, v])       fp32, in registers only
-    dH[n, :] += G[n, tile] @ W[tile, :]                     fp32 atomics
-    dW[tile, :] += G[n, tile]^T @ h[n, :]                   fp32 atomics
-    dc[tile] += sum_n G[n, tile]                            fp32 atomics
+Deterministic: the GEMMs and reductions run in a fixed order, nothing is accumulated with
+atomics, so ``dH``, ``dW`` and ``db`` are bitwise identical from run to run on one device.
 
-``G`` is formed in fp32 (the target column ``1 - p`` before any rounding) and only
-rounded to the input dtype as the ``tl.dot`` operand, the same rounding the eager
-formula applies to its logits gradient. ``dW``/``dc`` accumulate in fp32 buffers over
-all token tiles (no bf16 drift); they are rounded once by the launcher. A tile whose
-rows are all masked, or whose coefficients are all exactly 0 (e.g. MinorDPO's
-rejected rows with a negative log-ratio), returns before reading anything: an
-exact skip, not an approximation.
-
-Bytes: the forward reads each ``W`` tile once per row block (the GEMM's own traffic)
-and writes 8 bytes per token; the backward reads ``h`` and ``W`` twice per tile
-(logits recompute + gradient products) and issues fp32 atomic adds of
-``4 N V H (1/BLOCK_N + 1/BLOCK_V)`` bytes in all (the likely bottleneck; untuned).
-Nothing of size ``N x V`` is ever written. For low-precision inputs the launcher keeps
-one whole fp32 accumulator, dH or dW, whichever is smaller (see :func:`linear_backward`).
-
-Offsets are int64: ``b * stride_b`` and ``v * stride_v`` pass 2^31 at real sizes
-(128k tokens x 2048 hidden, 128k vocabulary x 2048). Every stride is passed, so
-``hidden[:, :-1]`` needs no copy. A label outside ``[0, V)`` is never used as an
-address (it is only compared), so it cannot read out of bounds: it yields a NaN
-log-prob.
+Compaction reads the number of scored rows of each sequence on the host (one
+synchronisation per call); under CUDA-graph capture nothing is read and every row is
+kept (rows without a label then cost their GEMM share but contribute exactly 0).
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
-from .common import LN2, LOG2E, alloc_output as _alloc, device_guard
+from .common import scored_labels
 
-# Inside @triton.jit code a global must be a constexpr (a plain float global is a
-# compile error on the GPU that the CPU interpreter does not report).
-LN2_C = tl.constexpr(LN2)
-LOG2E_C = tl.constexpr(LOG2E)
+log = logging.getLogger("minorsft")
+DEFAULT_MEMORY_BUDGET = 256 << 20     # bytes of the logits chunk (R x V in the compute dtype)
+_warned = set()
 
 
-# Default launch configuration (untuned until measured on hardware): 64 token rows x
-# 128 vocabulary columns per tile, 64 hidden elements per tl.dot slice, 8 warps.
-# Overridable for experiments and the interpreter tests through MINORSFT_LINEAR_BLOCK_N,
-# MINORSFT_LINEAR_BLOCK_V, MINORSFT_LINEAR_BLOCK_H and MINORSFT_LINEAR_NUM_WARPS; never
-# probed at import time.
-DEFAULT_BLOCK_N = 64
-DEFAULT_BLOCK_V = 128
-DEFAULT_BLOCK_H = 64
-DEFAULT_NUM_WARPS = 8
-# Low-precision backward: launches cover at most this many token rows (when dW is the
-# whole fp32 buffer) or vocabulary columns (when dH is), bounding the fp32 staging
-# buffer of the other gradient (32k x 2048 x 4 B = 256 MiB, 16k x 2048 x 4 B = 128 MiB).
-DEFAULT_BWD_ROWS = 32768
-DEFAULT_BWD_VOCAB = 16384
-# Tiles of the backward grid grouped along the token axis so that concurrently
-# running programs share W tiles in L2.
-GROUP_N = 8
+def memory_budget_bytes(memory_budget: Optional[int] = None) -> int:
+    """The byte budget of a chunk's ``[R, V]`` logits: ``memory_budget``, else the
+    environment variable ``MINORSFT_LINEAR_CHUNK_BYTES``, else 256 MiB."""
+    if memory_budget is None:
+        memory_budget = int(os.environ.get("MINORSFT_LINEAR_CHUNK_BYTES", DEFAULT_MEMORY_BUDGET))
+    if int(memory_budget) <= 0:
+        raise ValueError(f"memory_budget: must be a positive number of bytes, got {memory_budget}")
+    return int(memory_budget)
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+# --------------------------------------------------------------------------- the rows
 
+@dataclass
+class Rows:
+    """The scored rows that carry a label, compacted, in sequence order.
 
-def _staging(memory_budget: Optional[int], H: int) -> int:
-    """Rows (or columns) of an fp32 ``[*, H]`` staging buffer that fit ``memory_budget``."""
-    return max(1, memory_budget // (4 * H)) if memory_budget else 0
-
-
-def launch_config(N: int, V: int, H: int) -> Tuple[int, int, int, int]:
-    """Return ``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)``; every block >= 16 (tl.dot)."""
-    bn = _env_int("MINORSFT_LINEAR_BLOCK_N", DEFAULT_BLOCK_N)
-    bv = _env_int("MINORSFT_LINEAR_BLOCK_V", DEFAULT_BLOCK_V)
-    bh = _env_int("MINORSFT_LINEAR_BLOCK_H", DEFAULT_BLOCK_H)
-    warps = _env_int("MINORSFT_LINEAR_NUM_WARPS", DEFAULT_NUM_WARPS)
-
-    def fit(block: int, size: int) -> int:
-        return max(16, min(triton.next_power_of_2(block), triton.next_power_of_2(max(size, 1))))
-
-    return fit(bn, N), fit(bv, V), fit(bh, H), warps
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact ``ieee`` for fp32 inputs unless
-    ``MINORSFT_ALLOW_TF32=1``; irrelevant for bf16/fp16 (products are exact in fp32)."""
-    if dtype == torch.float32 and os.environ.get("MINORSFT_ALLOW_TF32") != "1":
-        return "ieee"
-    return "tf32"
-
-
-def dot_upcast(dtype: torch.dtype) -> bool:
-    """True when ``tl.dot`` operands must be upcast to fp32 before the product.
-
-    Only under ``TRITON_INTERPRET=1`` with bf16: the interpreter stores bf16 as raw
-    uint16 and its ``dot`` multiplies those integers. The upcast is exact (a bf16
-    value is an fp32 value), so the result matches the GPU's bf16 x bf16 -> fp32 dot
-    up to summation order.
+    ``h`` ``[n, H]`` hidden rows in the compute dtype, ``y`` ``[n]`` labels, ``b`` / ``t``
+    ``[n]`` their positions, ``seq`` the sequences in row order (host list; for pairs
+    ``[0, P, 1, P + 1, ...]``) with ``counts`` rows each (host list).
     """
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+    h: torch.Tensor
+    y: torch.Tensor
+    b: torch.Tensor
+    t: torch.Tensor
+    seq: List[int]
+    counts: List[int]
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    def offsets(self) -> List[int]:
+        out, o = [], 0
+        for c in self.counts:
+            out.append(o)
+            o += c
+        return out
 
 
-
-@triton.jit
-def _operand(x, DOT_UPCAST: tl.constexpr):
-    """A ``tl.dot`` operand as loaded, or upcast to fp32 (see :func:`dot_upcast`)."""
-    if DOT_UPCAST:
-        return x.to(tl.float32)
-    return x
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-@triton.jit
-def _logits_tile(h_rows, row_live, stride_hh, w_ptr, cols, col_ok, stride_wv, stride_wh,
-                 c_ptr, stride_cv, H,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """fp32 ``[BLOCK_N, BLOCK_V]`` tile of ``h W^T + c`` (no temperature yet).
+def compact(hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, shift: bool,
+            pairs: bool, dtype: torch.dtype) -> Rows:
+    """The :class:`Rows` of ``hidden [B, T, H]`` (any strides) scored against ``labels``.
 
-    ``h_rows``: ``[BLOCK_N]`` int64 row base pointers; rows with ``row_live`` false
-    are not read (they load as 0).
+    One host read (the scored rows per sequence) unless a CUDA graph is being captured.
+    ``pairs``: order the sequences ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair
+    are adjacent (chunks of whole pairs are then contiguous).
     """
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_H).to(tl.int64)
-    for h0 in range(0, H, BLOCK_H):
-        k = h0 + ks
-        k_ok = k < H
-        a = tl.load(h_rows[:, None] + k[None, :] * stride_hh,
-                    mask=row_live[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(_operand(a, DOT_UPCAST), _operand(w, DOT_UPCAST), acc,
-                     input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(c_ptr + cols * stride_cv, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc
+    lab = scored_labels(labels, shift)
+    B, Tp = lab.shape
+    order = ([i for k in range(B // 2) for i in (k, B // 2 + k)] if pairs else list(range(B)))
+    keep = lab != ignore_index
+    if _capturing(hidden.device):   # no host read while a CUDA graph is captured: keep all
+        keep, counts_all = torch.ones_like(keep), [Tp] * B
+    else:
+        counts_all = keep.sum(1).tolist()
+    counts = [counts_all[s] for s in order]
+    perm = torch.tensor(order, device=lab.device)
+    flat = torch.nonzero_static(keep[perm].flatten(), size=sum(counts)).squeeze(1)
+    b = perm[flat // max(Tp, 1)]
+    t = flat % max(Tp, 1)
+    h = hidden[b, t]
+    return Rows(h=h if h.dtype == dtype else h.to(dtype), y=lab[b, t].long(), b=b, t=t,
+                seq=order, counts=counts)
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["c_ptr"] is not None})
-@triton.jit
-def _linear_fwd_kernel(
-    # pointers
-    h_ptr, w_ptr, c_ptr, y_ptr,          # [B, T, H], [V, H], [V] or None, [B, T] int
-    lp_ptr, lse_ptr,                     # [N] fp32 outputs (contiguous)
-    # shapes
-    N, T, V, H,
-    # strides, in elements
-    stride_hb, stride_ht, stride_hh,
-    stride_wv, stride_wh,
-    stride_cv,
-    stride_yb, stride_yt,
-    # runtime scalars (not constexpr: changing them never recompiles)
-    ignore_index, scale2,                # scale2 = log2(e) / tau
-    # flags and tiles
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    # int64 rows: b * stride_hb passes 2^31 elements at long context.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
-    b = rows // T
-    t = rows % T
-    y = tl.load(y_ptr + b * stride_yb + t * stride_yt, mask=row_ok, other=ignore_index).to(tl.int64)
-    keep = row_ok & (y != ignore_index)
-    y_ok = (y >= 0) & (y < V)
-    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if tl.max(keep.to(tl.int32), 0) == 0:
-        # A block of masked (prompt) tokens: nothing but the labels is read.
-        tl.store(lp_ptr + rows, zero, mask=row_ok)
-        tl.store(lse_ptr + rows, zero, mask=row_ok)
+def token_chunks(n: int, rows: int) -> List[Tuple[int, int]]:
+    """``[r0, r1)`` ranges of at most ``rows`` rows."""
+    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+def sequence_chunks(rows_: Rows, rows: int, pairs: bool) -> Optional[List[Tuple[int, int, List[int]]]]:
+    """``(r0, r1, sequences)`` chunks of whole sequences (whole pairs when ``pairs``) of at
+    most ``rows`` rows, or None when one sequence (pair) alone is larger."""
+    unit = 2 if pairs else 1
+    out, r0, start, used = [], 0, 0, 0
+    offs = rows_.offsets() + [rows_.n]
+    for i in range(0, len(rows_.seq), unit):
+        size = offs[i + unit] - offs[i]
+        if size > rows:
+            return None
+        if used + size > rows:
+            out.append((r0, r0 + used, rows_.seq[start:i]))
+            r0, start, used = r0 + used, i, 0
+        used += size
+    if used or not out:
+        out.append((r0, r0 + used, rows_.seq[start:]))
+    return out
+
+
+# --------------------------------------------------------------------------- one chunk
+
+@dataclass
+class Setup:
+    """What every chunk needs: the weight and bias in the compute dtype, the fold module
+    (``minorsft.kernels.logprobs`` or its PyTorch mirror) and its options, the chunk
+    buffer."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    fold: object
+    opts: dict
+    buf: torch.Tensor
+
+    @classmethod
+    def make(cls, hidden, weight, bias, *, fold, ignore_index, temperature, logit_scale, softcap,
+             rows_per_chunk: int) -> "Setup":
+        dt = hidden.dtype
+        w = weight if weight.dtype == dt else weight.to(dt)   # autocast: the activations' dtype
+        b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt))
+        buf = torch.empty((rows_per_chunk, weight.shape[0]), dtype=dt, device=hidden.device)
+        opts = dict(ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
+                    softcap=softcap)
+        return cls(w, b, fold, opts, buf)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``h W^T + b`` into the chunk buffer: ``[r, V]``."""
+        z = self.buf[: h.shape[0]]
+        if self.bias is not None:
+            return torch.addmm(self.bias, h, self.weight.t(), out=z)
+        return torch.mm(h, self.weight.t(), out=z)
+
+    def stats(self, z, y, bad_labels=None):
+        """Fold forward on a chunk: ``(lp [r], lse [r])`` fp32."""
+        lp, lse, _ = self.fold.logprobs_forward(z[None], y[None], bad_labels=bad_labels, **self.opts)
+        return lp[0], lse[0]
+
+    def grad_in_place(self, z, y, lse, g) -> torch.Tensor:
+        """Fold backward on a chunk, written into ``z``: ``G [r, V]``."""
+        self.fold.logprobs_backward(z[None], y[None], lse[None], g[None], out=z[None], **self.opts)
+        return z
+
+
+def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the compute dtype: cuBLAS
+    writes the fp32 sum directly (out_dtype); elsewhere the chunk operands are upcast."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
         return
-    h_rows = h_ptr + b * stride_hb + t * stride_ht
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    vs = tl.arange(0, BLOCK_V).to(tl.int64)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + vs
-        col_ok = cols < V
-        x = _logits_tile(h_rows, keep, stride_hh, w_ptr, cols, col_ok, stride_wv, stride_wh,
-                         c_ptr, stride_cv, H, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H,
-                         DOT_PRECISION, DOT_UPCAST) * scale2
-        x = tl.where(col_ok[None, :], x, float("-inf"))
-        tgt += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # an all -inf tile: no NaN
-        s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref[:, None]), 1)
-        m = m_new
-    lse2 = m + tl.log2(s)
-    lp = tl.where(y_ok, (tgt - lse2) * LN2_C, float("nan"))
-    tl.store(lp_ptr + rows, tl.where(keep, lp, zero), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(keep, lse2 * LN2_C, zero), mask=row_ok)
+    if a.is_cuda and "no-out-dtype" not in _warned:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as e:   # an older torch: say so, once
+            _warned.add("no-out-dtype")
+            log.warning("minorsft: addmm(out_dtype=float32) unavailable (%s); the fused linear "
+                        "path upcasts each chunk for its dW GEMM", e)
+    acc.addmm_(a.float(), b.float())
 
 
-@triton.heuristics({
-    "HAS_BIAS": lambda args: args["c_ptr"] is not None,
-    "NEED_DH": lambda args: args["dh_ptr"] is not None,
-    "NEED_DW": lambda args: args["dw_ptr"] is not None,
-    "NEED_DC": lambda args: args["dc_ptr"] is not None,
-})
-@triton.jit
-def _linear_bwd_kernel(
-    # pointers
-    h_ptr, w_ptr, c_ptr, y_ptr,          # as in the forward
-    lse_ptr, g_ptr,                      # [N] fp32 saved lse (contiguous), [B, T] upstream grad
-    dh_ptr, dw_ptr, dc_ptr,              # fp32 accumulators (contiguous): [n1 - n0, H], [v1 - v0, H], [V]
-    # shapes: this launch covers token rows [n0, n1) x vocabulary columns [v0, v1)
-    n0, n1, v0, v1, T, V, H,
-    # strides, in elements
-    stride_hb, stride_ht, stride_hh,
-    stride_wv, stride_wh,
-    stride_cv,
-    stride_yb, stride_yt,
-    stride_gb, stride_gt,                # upstream gradient (0 when expanded)
-    # runtime scalars
-    ignore_index, scale2, inv_temp,
-    # flags and tiles
-    HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-    NEED_DC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP: tl.constexpr,
-):
-    # Grouped tile order: GROUP consecutive row blocks walk the vocabulary together.
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(n1 - n0, BLOCK_N)
-    v_blocks = tl.cdiv(v1 - v0, BLOCK_V)
-    per_group = GROUP * v_blocks
-    first = (pid // per_group) * GROUP
-    size = tl.minimum(n_blocks - first, GROUP)
-    pid_n = first + (pid % per_group) % size
-    pid_v = (pid % per_group) // size
+class Grads:
+    """The gradients being formed: ``dH [B, T, H]`` in hidden's dtype (rows scattered
+    back), fp32 accumulators of ``dW [V, H]`` and ``db [V]``; ``need_*`` select them."""
 
-    local = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rows = n0 + local
-    row_ok = rows < n1
-    b = rows // T
-    t = rows % T
-    y = tl.load(y_ptr + b * stride_yb + t * stride_yt, mask=row_ok, other=ignore_index).to(tl.int64)
-    g = tl.load(g_ptr + b * stride_gb + t * stride_gt, mask=row_ok, other=0.0).to(tl.float32)
-    live = row_ok & (y != ignore_index) & (g != 0.0)
-    if tl.max(live.to(tl.int32), 0) == 0:
-        # Every coefficient in this tile is exactly 0: its gradient is exactly 0.
-        return
-    coef = tl.where(live, g * inv_temp, 0.0)
-    lse2 = tl.load(lse_ptr + rows, mask=live, other=0.0) * LOG2E_C
+    def __init__(self, hidden, weight, bias, need_hidden, need_weight, need_bias):
+        dev = hidden.device
+        self.dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
+        self.dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_weight else None
+        self.db = (torch.zeros(weight.shape[0], dtype=torch.float32, device=dev)
+                   if need_bias and bias is not None else None)
+        self.weight_dtype, self.bias_dtype = weight.dtype, None if bias is None else bias.dtype
 
-    cols = v0 + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    col_ok = cols < v1
-    h_rows = h_ptr + b * stride_hb + t * stride_ht
-    x = _logits_tile(h_rows, live, stride_hh, w_ptr, cols, col_ok, stride_wv, stride_wh,
-                     c_ptr, stride_cv, H, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-                     DOT_UPCAST)
-    p = tl.exp2(x * scale2 - lse2[:, None])
-    d = tl.where(cols[None, :] == y[:, None], 1.0 - p, -p)      # target column in fp32
-    G = tl.where(live[:, None] & col_ok[None, :], coef[:, None] * d, 0.0)
+    def add(self, G: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b: torch.Tensor, t: torch.Tensor):
+        """Add one chunk's ``G [r, V]`` (rows at positions ``b, t``)."""
+        if self.dh is not None:
+            self.dh[b, t] = (G @ w).to(self.dh.dtype)
+        if self.dw is not None:
+            _accumulate_f32(self.dw, G.t(), h)
+        if self.db is not None:
+            self.db += torch.sum(G, 0, dtype=torch.float32)
 
-    if NEED_DC:
-        tl.atomic_add(dc_ptr + cols, tl.sum(G, 0), mask=col_ok, sem="relaxed")
-    Gq = _operand(G.to(h_ptr.dtype.element_ty), DOT_UPCAST)   # rounded like eager's grad
-    ks = tl.arange(0, BLOCK_H).to(tl.int64)
-    for h0 in range(0, H, BLOCK_H):
-        k = h0 + ks
-        k_ok = k < H
-        if NEED_DH:
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wh,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            part = tl.dot(Gq, _operand(w, DOT_UPCAST), input_precision=DOT_PRECISION)             # [BLOCK_N, BLOCK_H]
-            tl.atomic_add(dh_ptr + local[:, None] * H + k[None, :], part,
-                          mask=live[:, None] & k_ok[None, :], sem="relaxed")
-        if NEED_DW:
-            a = tl.load(h_rows[:, None] + k[None, :] * stride_hh,
-                        mask=live[:, None] & k_ok[None, :], other=0.0)
-            part = tl.dot(tl.trans(Gq), _operand(a, DOT_UPCAST), input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_H]
-            tl.atomic_add(dw_ptr + (cols - v0)[:, None] * H + k[None, :], part,
-                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+    def result(self):
+        """``(dh, dw, db)`` in the inputs' dtypes (None where not needed)."""
+        dw = None if self.dw is None else self.dw.to(self.weight_dtype)
+        db = None if self.db is None else self.db.to(self.bias_dtype)
+        return self.dh, dw, db
+
+
+# --------------------------------------------------------------------------- per-token plan
+
+def _prepare(hidden, weight, labels, bias, *, fold, ignore_index, temperature, logit_scale, softcap,
+             shift, memory_budget, pairs=False):
+    rows = compact(hidden, labels, ignore_index=ignore_index, shift=shift, pairs=pairs,
+                   dtype=hidden.dtype)
+    elem = torch.empty((), dtype=hidden.dtype).element_size()
+    per_chunk = max(1, memory_budget_bytes(memory_budget) // (weight.shape[0] * elem))
+    setup = Setup.make(hidden, weight, bias, fold=fold, ignore_index=ignore_index,
+                       temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                       rows_per_chunk=max(1, min(per_chunk, rows.n)))
+    return rows, setup, per_chunk
 
 
 def linear_forward(
@@ -301,41 +262,37 @@ def linear_forward(
     labels: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
+    fold,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    shift: bool = False,
     memory_budget: Optional[int] = None,
+    bad_labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the labels under ``softmax((hidden @ weight^T + bias) / tau)``.
+    """Per-token log-probs of the labels under ``softmax(capped(hidden W^T + b) / tau)``.
 
     Args:
-        hidden: ``[B, T, H]`` bf16/fp16/fp32, any strides.
-        weight: ``[V, H]``, same dtype, any strides.
-        labels: ``[B, T]`` integer, any strides.
-        bias: optional ``[V]``.
-        memory_budget: accepted for the backends' common signature; the forward tiles
-            hold no buffer that grows with the budget.
+        hidden: ``[B, T, H]`` bf16/fp16/fp32, any strides; the compute dtype.
+        weight: ``[V, H]`` (the compute dtype, or fp32 under autocast); bias ``[V]`` or None.
+        labels: ``[B, T]``: aligned with ``hidden`` or, with ``shift``, Hugging Face labels.
+        fold: the fold implementation (``minorsft.kernels.logprobs`` or its PyTorch mirror).
+        bad_labels: the label flag the fold adds labels outside ``[0, V)`` to.
     Returns:
-        ``(lp, lse)``: ``[B, T]`` fp32 each (contiguous). ``lp`` is 0 where masked and
-        NaN for a label outside ``[0, V)``; ``lse`` is 0 where masked.
+        ``(lp, lse)``: ``[B, T']`` fp32 (``T' = T - 1`` with ``shift``); 0 where masked,
+        ``lp`` NaN for a label outside ``[0, V)``.
     """
-    B, T, H = hidden.shape
-    V = weight.shape[0]
-    N = B * T
-    lp = _alloc((B, T), torch.float32, hidden.device)
-    lse = _alloc((B, T), torch.float32, hidden.device)
-    if N == 0:
-        return lp, lse
-    bn, bv, bh, warps = launch_config(N, V, H)
-    with device_guard(hidden):
-        _linear_fwd_kernel[(triton.cdiv(N, bn),)](
-            hidden, weight, bias, labels, lp, lse,
-            N, T, V, H,
-            *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-            *labels.stride(),
-            ignore_index, LOG2E / temperature,
-            DOT_PRECISION=dot_precision(hidden.dtype), DOT_UPCAST=dot_upcast(hidden.dtype),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps,
-        )
+    lab = scored_labels(labels, shift)
+    lp = torch.zeros(lab.shape, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(lab.shape, dtype=torch.float32, device=hidden.device)
+    rows, setup, per_chunk = _prepare(
+        hidden, weight, labels, bias, fold=fold, ignore_index=ignore_index, temperature=temperature,
+        logit_scale=logit_scale, softcap=softcap, shift=shift, memory_budget=memory_budget)
+    for r0, r1 in token_chunks(rows.n, per_chunk):
+        z = setup.logits(rows.h[r0:r1])
+        lp[rows.b[r0:r1], rows.t[r0:r1]], lse[rows.b[r0:r1], rows.t[r0:r1]] = setup.stats(
+            z, rows.y[r0:r1], bad_labels)
     return lp, lse
 
 
@@ -347,8 +304,12 @@ def linear_backward(
     grad_lp: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
+    fold,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    shift: bool = False,
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
@@ -357,84 +318,112 @@ def linear_backward(
     """Gradients of ``sum(grad_lp * lp)`` with respect to hidden, weight and bias.
 
     Args:
-        hidden, weight, labels, bias: as given to :func:`linear_forward`.
-        lse: ``[B, T]`` fp32 from :func:`linear_forward` (contiguous).
-        grad_lp: ``[B, T]`` upstream gradient of the log-probs (any strides, may be expanded).
-        need_*: which gradients to form (``None`` is returned for the others).
-        memory_budget: bytes of the fp32 staging buffer of the low-precision paths
-            below (``budget / (4 H)`` token rows or vocabulary columns per launch);
-            default ``DEFAULT_BWD_ROWS`` rows / ``DEFAULT_BWD_VOCAB`` columns.
-
-    fp32 accumulation of low-precision gradients needs one whole fp32 buffer, either dH
-    or dW; the launcher keeps the smaller one: with ``N < V`` tokens a whole fp32 dH
-    (``4 N H`` bytes) and the vocabulary in slices of fp32 dW, otherwise a whole fp32
-    dW (``4 V H`` bytes) and the tokens in chunks of fp32 dH. Each fp32 value is rounded
-    once, at the end of its accumulation.
+        hidden, weight, labels, bias, fold and the options: as given to :func:`linear_forward`.
+        lse: ``[B, T']`` fp32 from the forward; grad_lp: ``[B, T']`` (any strides).
     Returns:
-        ``(d_hidden [B, T, H] in hidden's dtype, d_weight [V, H] in weight's dtype,
-        d_bias [V] in bias's dtype)``, accumulated in fp32 and rounded once.
+        ``(d_hidden [B, T, H], d_weight [V, H], d_bias [V])`` in the inputs' own dtypes
+        (None where not needed); ``d_weight`` / ``d_bias`` accumulated in fp32.
     """
-    B, T, H = hidden.shape
-    V = weight.shape[0]
-    N = B * T
-    dev = hidden.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    need_bias = need_bias and bias is not None
-    dh = torch.zeros((B, T, H), dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = torch.zeros((V, H), dtype=weight.dtype, device=dev) if need_weight else None
-    dc = torch.zeros((V,), **f32) if need_bias else None
-    if N == 0 or not (need_hidden or need_weight or need_bias):
-        return dh, dw, (dc.to(bias.dtype) if dc is not None else None)
-    lse = lse.contiguous()
-    bn, bv, bh, warps = launch_config(N, V, H)
-    dh_flat = dh.view(N, H) if need_hidden else None
-    lowp = hidden.dtype != torch.float32
+    grads = Grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    rows, setup, per_chunk = _prepare(
+        hidden, weight, labels, bias, fold=fold, ignore_index=ignore_index, temperature=temperature,
+        logit_scale=logit_scale, softcap=softcap, shift=shift, memory_budget=memory_budget)
+    g_rows = grad_lp[rows.b, rows.t].float()
+    lse_rows = lse[rows.b, rows.t]
+    for r0, r1 in token_chunks(rows.n, per_chunk):
+        G = setup.grad_in_place(setup.logits(rows.h[r0:r1]), rows.y[r0:r1], lse_rows[r0:r1],
+                                g_rows[r0:r1])
+        grads.add(G, setup.weight, rows.h[r0:r1], rows.b[r0:r1], rows.t[r0:r1])
+    return grads.result()
 
-    def launch(n0, n1, v0, v1, dh_acc, dw_acc):
-        grid = (triton.cdiv(n1 - n0, bn) * triton.cdiv(v1 - v0, bv),)
-        with device_guard(hidden):
-            _linear_bwd_kernel[grid](
-                hidden, weight, bias, labels, lse, grad_lp,
-                dh_acc, dw_acc, dc,
-                n0, n1, v0, v1, T, V, H,
-                *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-                *labels.stride(), *grad_lp.stride(),
-                ignore_index, LOG2E / temperature, 1.0 / temperature,
-                DOT_PRECISION=dot_precision(hidden.dtype), DOT_UPCAST=dot_upcast(hidden.dtype),
-                BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP=GROUP_N, num_warps=warps,
-            )
 
-    if not lowp:
-        # fp32 inputs: the outputs are the fp32 accumulators, one launch.
-        launch(0, N, 0, V, dh_flat, dw)
-    elif N < V:
-        # Fewer tokens than vocabulary entries: a whole fp32 dH (4 N H bytes) and the
-        # vocabulary in slices, each slice's fp32 dW rounded once into dw.
-        vstep = max(bv, _staging(memory_budget, H) or _env_int("MINORSFT_LINEAR_BWD_VOCAB", DEFAULT_BWD_VOCAB))
-        dh32 = torch.zeros((N, H), **f32) if need_hidden else None
-        dw32 = torch.empty((min(vstep, V), H), **f32) if need_weight else None
-        for v0 in range(0, V, vstep):
-            v1 = min(V, v0 + vstep)
-            acc = dw32[: v1 - v0].zero_() if need_weight else None
-            launch(0, N, v0, v1, dh32, acc)
-            if need_weight:
-                dw[v0:v1] = acc.to(dw.dtype)
-        if need_hidden:
-            dh_flat.copy_(dh32)
+# --------------------------------------------------------------------------- the loss plan
+
+def linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    fold,
+    coefficients: Callable,
+    pairs: bool,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
+    shift: bool = False,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+    memory_budget: Optional[int] = None,
+    bad_labels: Optional[torch.Tensor] = None,
+):
+    """A scalar loss and its gradients, formed in the forward.
+
+    Args:
+        coefficients: the loss's chunk coefficients (``minorsft.losses.Coefficients``):
+            ``coefficients(seqs, S) -> (dL/dS [k], loss part [])`` for the sequences
+            ``seqs`` (a host list; whole pairs) whose log-prob sums are ``S``; for a
+            token-level loss (``coefficients.token_level``) ``coefficients(None, sum of
+            the chunk's log-probs) -> (dL/dlp, loss part)``.
+        pairs: the loss compares pairs ``(k, P + k)``: chunks hold whole pairs.
+        The rest as :func:`linear_forward` / :func:`linear_backward`.
+    Returns:
+        ``(loss [], S [B], d_hidden, d_weight, d_bias)``: the loss (fp32), the sequences'
+        log-prob sums (fp32, for the metrics) and the gradients as :func:`linear_backward`.
+    """
+    grads = Grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    rows, setup, per_chunk = _prepare(
+        hidden, weight, labels, bias, fold=fold, ignore_index=ignore_index, temperature=temperature,
+        logit_scale=logit_scale, softcap=softcap, shift=shift, memory_budget=memory_budget,
+        pairs=pairs)
+    lp = torch.zeros(scored_labels(labels, shift).shape, dtype=torch.float32, device=hidden.device)
+    if coefficients.token_level:     # one coefficient for every row: any chunks of rows
+        chunks = [(r0, r1, None) for r0, r1 in token_chunks(rows.n, per_chunk)]
     else:
-        # At least as many tokens as vocabulary entries: a whole fp32 dW (4 V H bytes)
-        # and the tokens in chunks, each chunk's fp32 dH rounded once into dh.
-        nstep = max(bn, _staging(memory_budget, H) or _env_int("MINORSFT_LINEAR_BWD_ROWS", DEFAULT_BWD_ROWS))
-        dw32 = torch.zeros((V, H), **f32) if need_weight else None
-        dh32 = torch.empty((min(nstep, N), H), **f32) if need_hidden else None
-        for n0 in range(0, N, nstep):
-            n1 = min(N, n0 + nstep)
-            acc = dh32[: n1 - n0].zero_() if need_hidden else None
-            launch(n0, n1, 0, V, acc, dw32)
-            if need_hidden:
-                dh_flat[n0:n1] = acc.to(dh.dtype)
-        if need_weight:
-            dw.copy_(dw32)
-    if dc is not None and bias.dtype != torch.float32:
-        dc = dc.to(bias.dtype)
-    return dh, dw, dc
+        chunks = sequence_chunks(rows, per_chunk, pairs)
+        if chunks is None:   # a sequence larger than the budget: statistics first, then gradients
+            return _loss_two_passes(rows, setup, per_chunk, grads, lp, coefficients, bad_labels)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    seq_of_row = torch.repeat_interleave(torch.tensor(rows.seq, device=hidden.device),
+                                         torch.tensor(rows.counts, device=hidden.device))
+    for r0, r1, seqs in chunks:
+        z = setup.logits(rows.h[r0:r1])
+        lp_c, lse_c = setup.stats(z, rows.y[r0:r1], bad_labels)
+        lp[rows.b[r0:r1], rows.t[r0:r1]] = lp_c
+        if seqs is None:
+            coef, part = coefficients(None, lp_c.sum())
+            g = coef.float().expand(r1 - r0)
+        else:
+            dS, part = coefficients(seqs, lp[seqs].sum(-1))
+            g = _per_row(dS, seqs, seq_of_row[r0:r1], lp.shape[0])
+        loss += part
+        G = setup.grad_in_place(z, rows.y[r0:r1], lse_c, g)
+        grads.add(G, setup.weight, rows.h[r0:r1], rows.b[r0:r1], rows.t[r0:r1])
+    return (loss, lp.sum(-1), *grads.result())
+
+
+def _per_row(dS: torch.Tensor, seqs: List[int], seq_of_row: torch.Tensor, B: int) -> torch.Tensor:
+    """The coefficient of each row: its sequence's ``dL/dS``."""
+    by_seq = torch.zeros(B, dtype=torch.float32, device=dS.device)
+    by_seq[torch.tensor(seqs, device=dS.device)] = dS.float()
+    return by_seq[seq_of_row]
+
+
+def _loss_two_passes(rows: Rows, setup: Setup, per_chunk: int, grads: Grads, lp, coefficients,
+                     bad_labels):
+    """:func:`linear_loss` for sequences larger than a chunk: every row's statistics first
+    (chunks of rows), then the coefficients, then a recompute that forms the gradients."""
+    lse_rows = torch.empty(rows.n, dtype=torch.float32, device=rows.h.device)
+    for r0, r1 in token_chunks(rows.n, per_chunk):
+        lp_c, lse_rows[r0:r1] = setup.stats(setup.logits(rows.h[r0:r1]), rows.y[r0:r1], bad_labels)
+        lp[rows.b[r0:r1], rows.t[r0:r1]] = lp_c
+    dS, loss = coefficients(rows.seq, lp[rows.seq].sum(-1))
+    seq_of_row = torch.repeat_interleave(torch.tensor(rows.seq, device=rows.h.device),
+                                         torch.tensor(rows.counts, device=rows.h.device))
+    g = _per_row(dS, rows.seq, seq_of_row, lp.shape[0])
+    for r0, r1 in token_chunks(rows.n, per_chunk):
+        G = setup.grad_in_place(setup.logits(rows.h[r0:r1]), rows.y[r0:r1], lse_rows[r0:r1], g[r0:r1])
+        grads.add(G, setup.weight, rows.h[r0:r1], rows.b[r0:r1], rows.t[r0:r1])
+    return (loss, lp.sum(-1), *grads.result())

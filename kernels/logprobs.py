@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, alloc_output as _alloc, device_guard, hand_round, scored_labels
+from .common import LN2, LOG2E, alloc_output as _alloc, device_guard, fold_scales, hand_round, scored_labels
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
 # compile error on the GPU that the CPU interpreter does not report).
@@ -108,8 +108,30 @@ def _cast_out(x, dtype: tl.constexpr, HAND_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _chunk_stats(row_ptr, stride_v, lo, hi, y, y_ok, scale2, BLOCK_V: tl.constexpr):
-    """Online max / sum-of-exp2 of ``row[lo:hi] * scale2`` (``scale2 = log2(e)/tau``).
+def _tanh(x):
+    """tanh in fp32 from exp2 (the same on every GPU and in the interpreter):
+    ``sign(x) (1 - 2 / (exp(2|x|) + 1))``; +-1 for large ``|x|``, NaN stays NaN."""
+    e = tl.exp2(tl.abs(x) * (2.0 * LOG2E_C))
+    t = 1.0 - 2.0 / (e + 1.0)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _capped(x, pre_cap, softcap, SOFTCAP: tl.constexpr):
+    """The logit the loss sees, before ``scale2``: ``softcap * tanh(x * pre_cap)`` with
+    ``pre_cap = logit_scale / softcap`` (Gemma's final_logit_softcapping); else ``x``
+    (then the logit scale is folded into ``scale2``)."""
+    if SOFTCAP:
+        return softcap * _tanh(x * pre_cap)
+    else:
+        return x
+
+
+@triton.jit
+def _chunk_stats(row_ptr, stride_v, lo, hi, y, y_ok, scale2, pre_cap, softcap,
+                 SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online max / sum-of-exp2 of ``capped(row[lo:hi]) * scale2`` (``scale2 =
+    log2(e) / tau``, times the logit scale without soft-capping).
 
     Returns ``(m, s, tgt)``: the running max and ``sum exp2(x - m)`` in fp32 (one max
     reduction, one exp2 per element, one sum per block) and the scaled target logit
@@ -120,15 +142,18 @@ def _chunk_stats(row_ptr, stride_v, lo, hi, y, y_ok, scale2, BLOCK_V: tl.constex
     s = tl.zeros((), tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cols < hi,
-                    other=float("-inf")).to(tl.float32) * scale2
+        cmask = cols < hi
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_v, mask=cmask, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:   # tanh(-inf) is finite: keep the padding at -inf
+            x = tl.where(cmask, _capped(x, pre_cap, softcap, SOFTCAP), float("-inf"))
+        x = x * scale2
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # an all -inf block: no NaN
         s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(x - m_ref), 0)
         m = m_new
     hit = y_ok & (y >= lo) & (y < hi)
-    tgt = tl.load(row_ptr + y * stride_v, mask=hit, other=float("nan")).to(tl.float32) * scale2
-    return m, s, tgt
+    tgt = tl.load(row_ptr + y * stride_v, mask=hit, other=float("nan")).to(tl.float32)
+    return m, s, _capped(tgt, pre_cap, softcap, SOFTCAP) * scale2
 
 
 @triton.jit
@@ -151,6 +176,7 @@ def _store_row(m, s, tgt, n, sp, S, y_ok, hit, out_ptr, lse_ptr, part_ptr, tgt_p
     "HAS_REF": lambda args: args["ref_ptr"] is not None,
     "SPLIT": lambda args: args["part_ptr"] is not None,
     "HAS_FLAG": lambda args: args["flag_ptr"] is not None,
+    "SOFTCAP": lambda args: args["softcap"] > 0,
 })
 @triton.jit
 def _logprobs_fwd_kernel(
@@ -167,9 +193,10 @@ def _logprobs_fwd_kernel(
     stride_rb, stride_rt, stride_rv,
     stride_yb, stride_yt,
     # runtime scalars (not constexpr: changing them never recompiles)
-    ignore_index, scale2,
+    ignore_index, scale2, pre_cap, softcap,  # log2(e)/tau (x logit scale), logit scale/softcap, softcap
     # flags
-    HAS_REF: tl.constexpr, SPLIT: tl.constexpr, HAS_FLAG: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_REF: tl.constexpr, SPLIT: tl.constexpr, HAS_FLAG: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # int64 row index: b * stride_zb overflows int32 once N * V passes 2^31.
     n = tl.program_id(0).to(tl.int64)
@@ -198,15 +225,16 @@ def _logprobs_fwd_kernel(
     y_safe = tl.where(y_ok, y, 0)
     hit = y_ok & (y >= lo) & (y < hi)
     m, s, tgt = _chunk_stats(logits_ptr + b * stride_zb + t * stride_zt, stride_zv, lo, hi,
-                             y_safe, y_ok, scale2, BLOCK_V)
+                             y_safe, y_ok, scale2, pre_cap, softcap, SOFTCAP, BLOCK_V)
     _store_row(m, s, tgt, n, sp, S, y_ok, hit, lp_ptr, lse_ptr, part_ptr, tgt_ptr, SPLIT)
     if HAS_REF:
         m, s, tgt = _chunk_stats(ref_ptr + b * stride_rb + t * stride_rt, stride_rv, lo, hi,
-                                 y_safe, y_ok, scale2, BLOCK_V)
+                                 y_safe, y_ok, scale2, pre_cap, softcap, SOFTCAP, BLOCK_V)
         _store_row(m, s, tgt, n, sp, S, y_ok, hit, ref_lp_ptr, None, ref_part_ptr, ref_tgt_ptr,
                    SPLIT)
 
 
+@triton.heuristics({"SOFTCAP": lambda args: args["softcap"] > 0})
 @triton.jit
 def _logprobs_bwd_kernel(
     # pointers
@@ -219,9 +247,9 @@ def _logprobs_bwd_kernel(
     stride_yb, stride_yt,
     stride_gb, stride_gt,                       # upstream gradient (may be 0: expanded)
     stride_db, stride_dt, stride_dv,            # output gradient
-    # runtime scalars
-    ignore_index, scale2, inv_temp,
-    HAND_ROUND: tl.constexpr, BLOCK_V: tl.constexpr,
+    # runtime scalars: scale2 as the forward's; dscale = logit scale / tau (the chain rule)
+    ignore_index, scale2, dscale, pre_cap, softcap,
+    SOFTCAP: tl.constexpr, HAND_ROUND: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     lo = tl.program_id(1) * CHUNK_V
@@ -243,13 +271,18 @@ def _logprobs_bwd_kernel(
         return
     row_in = logits_ptr + b * stride_zb + t * stride_zt
     lse2 = tl.load(lse_ptr + b * T_LAB + t) * LOG2E_C   # lse is [B, T_LAB], contiguous
-    gs = g * inv_temp
+    gs = g * dscale
     for start in range(lo, hi, BLOCK_V):
         cols = start + offs
         cmask = cols < hi
         x = tl.load(row_in + cols.to(tl.int64) * stride_zv, mask=cmask, other=0.0).to(tl.float32)
-        p = tl.exp2(x * scale2 - lse2)
-        d = tl.where(cols == y, 1.0 - p, -p)   # target column in fp32, before rounding
+        if SOFTCAP:
+            th = _tanh(x * pre_cap)
+            p = tl.exp2(softcap * th * scale2 - lse2)
+            d = tl.where(cols == y, 1.0 - p, -p) * (1.0 - th * th)   # d capped / d x, fp32
+        else:
+            p = tl.exp2(x * scale2 - lse2)
+            d = tl.where(cols == y, 1.0 - p, -p)   # target column in fp32, before rounding
         tl.store(row_out + cols.to(tl.int64) * stride_dv,
                  _cast_out(gs * d, grad_ptr.dtype.element_ty, HAND_ROUND), mask=cmask)
 
@@ -270,10 +303,14 @@ def logprobs_forward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
     shift: bool = False,
     bad_labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the labels.
+    """Per-token log-probs of the labels under ``softmax(capped(logits) / temperature)``,
+    ``capped(z) = softcap * tanh(logit_scale * z / softcap)`` (``logit_scale * z`` when
+    ``softcap`` is 0: the logit transforms of Gemma and Cohere, for the fused linear path).
 
     Args:
         logits: ``[B, T, V]`` bf16/fp16/fp32, any strides.
@@ -298,6 +335,7 @@ def logprobs_forward(
     if N == 0:
         return _alloc((B, T), torch.float32, dev), _alloc((B, T), torch.float32, dev), ref_lp
     block, warps, chunk, splits = launch_config(V, N, dev)
+    scale2, dscale, pre_cap, softcap = fold_scales(temperature, logit_scale, softcap)
     rs = ref_logits.stride() if has_ref else (0, 0, 0)
     if splits == 1:
         lp = _alloc((B, T), torch.float32, dev)
@@ -316,7 +354,7 @@ def logprobs_forward(
             part, ref_part, tgt, ref_tgt, bad_labels,
             T, V, chunk,
             *logits.stride(), *rs, *labels.stride(),
-            ignore_index, LOG2E / temperature,
+            ignore_index, scale2, pre_cap, softcap,
             BLOCK_V=block, num_warps=warps,
         )
     if splits > 1:
@@ -335,10 +373,13 @@ def logprobs_backward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
     shift: bool = False,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient of the loss with respect to the logits.
+    """Gradient of the loss with respect to the logits (``logit_scale`` / ``softcap`` as
+    the forward's: the chain rule through them is applied).
 
     Args:
         logits: ``[B, T, V]`` as given to :func:`logprobs_forward`.
@@ -358,12 +399,13 @@ def logprobs_backward(
     if B * T == 0:
         return out
     block, warps, chunk, splits = launch_config(V, B * T, logits.device)
+    scale2, dscale, pre_cap, softcap = fold_scales(temperature, logit_scale, softcap)
     with device_guard(logits):
         _logprobs_bwd_kernel[(B * T, splits)](
             logits, labels, lse, grad_lp, out,
             T, labels.shape[1], V, chunk,
             *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
-            ignore_index, LOG2E / temperature, 1.0 / temperature,
+            ignore_index, scale2, dscale, pre_cap, softcap,
             HAND_ROUND=hand_round(), BLOCK_V=block, num_warps=warps,
         )
     return out

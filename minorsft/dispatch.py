@@ -8,14 +8,17 @@ the reference) and finishes with the shared epilogue
 :func:`minorsft.losses.loss_from_token_logprobs`. So the two paths cannot disagree on a
 check, a loss formula, a reduction or a metric.
 
-An inputs object provides: ``labels`` ``[B, T]``, ``ignore_index``, ``device``,
-``ref_name`` (the name of its reference-tensor argument, for errors), ``has_ref`` and
-``logprobs() -> (lp [B, T], ref_lp [B, T] or None)``.
+An inputs object provides: ``labels`` ``[B, T']`` (the scored positions' labels),
+``ignore_index``, ``device``, ``ref_name`` (the name of its reference-tensor argument, for
+errors), ``has_ref`` and ``logprobs() -> (lp [B, T'], ref_lp [B, T'] or None)``. A path that
+can form a scalar loss's gradient in its forward (the fused linear path) also provides
+``gradient_in_forward()``, ``reference_logprobs()`` and ``fused_loss(...)``.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from minorsft import losses
@@ -46,6 +49,9 @@ def run_loss(loss: str, inputs, *, ref_logprobs: Optional[Tensor] = None, reduct
         raise ValueError(f"{inputs.ref_name} / ref_logprobs: the {loss!r} loss uses no reference")
     if spec.pairs:
         V.check_pairs(labels.shape[0])
+    if reduction != "none" and getattr(inputs, "gradient_in_forward", lambda: False)():
+        return _gradient_in_forward(loss, inputs, opts, ref_logprobs, reduction, num_items_in_batch,
+                                    return_metrics)
     lp, ref_lp = inputs.logprobs()
     ref_token = ref_lp if ref_lp is not None else (
         ref_logprobs if ref_logprobs is not None and ref_logprobs.dim() == 2 else None)
@@ -54,3 +60,25 @@ def run_loss(loss: str, inputs, *, ref_logprobs: Optional[Tensor] = None, reduct
         loss, lp, labels != inputs.ignore_index, ref_token_logps=ref_token, ref_seq_logps=ref_seq,
         reduction=reduction, num_items_in_batch=num_items_in_batch,
         return_metrics=return_metrics, **opts)
+
+
+def _gradient_in_forward(loss, inputs, opts, ref_logprobs, reduction, num_items, return_metrics):
+    """A scalar loss by the path's gradient-in-forward op, with the same value, metrics and
+    gradients as the per-token route: the reference reduced to per-sequence sums first."""
+    spec = losses.get_loss(loss)
+    if num_items is not None and not spec.token_level:
+        raise ValueError(f"num_items_in_batch: only the 'sft' loss takes a token count, got loss={loss!r}")
+    mask = inputs.labels != inputs.ignore_index
+    ref_seq = None
+    if spec.reference:
+        ref_tok = inputs.reference_logprobs() if inputs.has_ref else (
+            ref_logprobs if ref_logprobs.dim() == 2 else None)
+        ref_seq = (torch.where(mask, ref_tok.detach().float(), 0.0).sum(-1) if ref_tok is not None
+                   else ref_logprobs.detach().float())
+    value, S = inputs.fused_loss(loss, opts, reduction, num_items, ref_seq)
+    if not return_metrics:
+        return value
+    if spec.metric_fn is None:
+        return value, {}
+    m = mask.sum(-1)
+    return value, spec.metric_fn(losses.SequenceStats(S, ref_seq, m, m > 0), **opts)

@@ -34,9 +34,10 @@ LossOut = Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]
 
 # ----------------------------------------------------------------------- formulas
 
-def _safe_len(m: Tensor) -> Tensor:
-    """Lengths as fp32 with 0 replaced by 1 (empty items are zeroed by the caller)."""
-    return m.clamp(min=1).to(torch.float32)
+def _safe_len(m: Tensor, like: Optional[Tensor] = None) -> Tensor:
+    """Lengths as floats (``like``'s dtype, else fp32) with 0 replaced by 1 (empty items
+    are zeroed by the caller)."""
+    return m.clamp(min=1).to(like.dtype if like is not None else torch.float32)
 
 
 def minor_sft(r: Tensor, m: Tensor, beta: float, length_norm: str = "outside") -> Tensor:
@@ -47,7 +48,7 @@ def minor_sft(r: Tensor, m: Tensor, beta: float, length_norm: str = "outside") -
     - ``inside`` (TorchRL): ``-log sigmoid(beta r / m)``; ``dL/dS = -(beta/m) sigmoid(-beta r/m)``.
     - ``none``: ``-log sigmoid(beta r)``; ``dL/dS = -beta sigmoid(-beta r)``.
     """
-    ml = _safe_len(m)
+    ml = _safe_len(m, r)
     if length_norm == "outside":
         return -(2.0 / (beta * ml)) * F.logsigmoid(beta * r)
     if length_norm == "inside":
@@ -74,7 +75,7 @@ def dpo(r_w: Tensor, r_l: Tensor, m_w: Tensor, m_l: Tensor, beta: float,
     if loss_type == "sigmoid":
         return -(1.0 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d)
     if loss_type == "ipo":
-        h = r_w / _safe_len(m_w) - r_l / _safe_len(m_l)
+        h = r_w / _safe_len(m_w, r_w) - r_l / _safe_len(m_l, r_l)
         return (h - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1.0 - beta * d)
@@ -91,6 +92,39 @@ def minor_dpo(r_w: Tensor, r_l: Tensor, beta: float) -> Tensor:
     (a tie at 0 passes gradient) and exactly 0 for ``r_l < 0``.
     """
     return -F.logsigmoid(beta * r_w - beta * torch.clamp(r_l, min=0.0))
+
+
+def minor_sft_grad(r: Tensor, m: Tensor, beta: float, length_norm: str = "outside") -> Tensor:
+    """``dL/dS`` of :func:`minor_sft` per sequence, ``[B]`` (closed form, as its docstring)."""
+    ml = _safe_len(m, r)
+    if length_norm == "outside":
+        return -2.0 * torch.sigmoid(-beta * r) / ml
+    if length_norm == "inside":
+        return -beta * torch.sigmoid(-beta * r / ml) / ml
+    return -beta * torch.sigmoid(-beta * r)
+
+
+def dpo_grad(r_w: Tensor, r_l: Tensor, m_w: Tensor, m_l: Tensor, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """``(dL/dS_w, dL/dS_l)`` of :func:`dpo` per pair (closed forms)."""
+    d, eps = r_w - r_l, label_smoothing
+    if loss_type == "ipo":
+        mw, ml = _safe_len(m_w, r_w), _safe_len(m_l, r_l)
+        dh = 2.0 * ((r_w / mw - r_l / ml) - 1.0 / (2.0 * beta))
+        return dh / mw, -dh / ml
+    if loss_type == "sigmoid":
+        dd = -beta * (1.0 - eps) * torch.sigmoid(-beta * d) + beta * eps * torch.sigmoid(beta * d)
+    elif loss_type == "hinge":     # relu's gradient at 0 is 0, as torch's
+        dd = torch.where(1.0 - beta * d > 0, torch.full_like(d, -beta), torch.zeros_like(d))
+    else:                          # robust
+        dd = -beta * ((1.0 - eps) * torch.sigmoid(-beta * d) + eps * torch.sigmoid(beta * d)) / (1.0 - 2.0 * eps)
+    return dd, -dd
+
+
+def minor_dpo_grad(r_w: Tensor, r_l: Tensor, beta: float):
+    """``(dL/dS_w, dL/dS_l)`` of :func:`minor_dpo` per pair (the clamp passes gradient at 0)."""
+    s = torch.sigmoid(-(beta * r_w - beta * torch.clamp(r_l, min=0.0)))
+    return -beta * s, torch.where(r_l >= 0, beta * s, torch.zeros_like(s))
 
 
 def learnability(loss_original: Tensor, loss_finetuned: Tensor) -> Tensor:
@@ -224,6 +258,7 @@ class Loss:
     none_shape: str
     per_item: Optional[Callable] = None    # (SequenceStats, **options) -> ([K] loss, [K] valid)
     metric_fn: Optional[Callable] = None   # (SequenceStats, **options) -> metrics
+    item_grad: Optional[Callable] = None   # (SequenceStats, **options) -> [B] dL_item/dS
 
     @property
     def token_level(self) -> bool:
@@ -233,6 +268,10 @@ class Loss:
 
 def _minor_sft_items(s: SequenceStats, beta, length_norm):
     return minor_sft(s.r, s.m, beta, length_norm), s.valid
+
+
+def _minor_sft_item_grad(s: SequenceStats, beta, length_norm):
+    return minor_sft_grad(s.r, s.m, beta, length_norm)
 
 
 def _pairs_valid(s: SequenceStats):
@@ -250,6 +289,16 @@ def _minor_dpo_items(s: SequenceStats, beta):
     return minor_dpo(w.r, l.r, beta), valid
 
 
+def _dpo_item_grad(s: SequenceStats, beta, loss_type, label_smoothing):
+    w, l, _ = _pairs_valid(s)
+    return torch.cat(dpo_grad(w.r, l.r, w.m, l.m, beta, loss_type, label_smoothing))
+
+
+def _minor_dpo_item_grad(s: SequenceStats, beta):
+    w, l, _ = _pairs_valid(s)
+    return torch.cat(minor_dpo_grad(w.r, l.r, beta))
+
+
 def _dpo_metric_fn(s: SequenceStats, beta, **_):
     w, l, valid = _pairs_valid(s)
     return dpo_metrics(w, l, valid, beta)
@@ -265,15 +314,17 @@ LOSSES: Dict[str, Loss] = {
     "minor_sft": Loss("minor_sft", "MinorSFT: SFT with a per-sample coefficient against the reference",
                       ("beta", "length_norm"), reference=True, pairs=False, metrics=_SFT_METRICS,
                       progress=("deviation",), none_shape="[B]", per_item=_minor_sft_items,
-                      metric_fn=lambda s, **_: minor_sft_metrics(s)),
+                      metric_fn=lambda s, **_: minor_sft_metrics(s), item_grad=_minor_sft_item_grad),
     "dpo": Loss("dpo", "DPO family (sigmoid, ipo, hinge, robust)",
                 ("beta", "loss_type", "label_smoothing"), reference=True, pairs=True,
                 metrics=_DPO_METRICS, progress=("rewards/accuracies", "rewards/margins"),
-                none_shape="[P]", per_item=_dpo_items, metric_fn=_dpo_metric_fn),
+                none_shape="[P]", per_item=_dpo_items, metric_fn=_dpo_metric_fn,
+                item_grad=_dpo_item_grad),
     "minor_dpo": Loss("minor_dpo", "MinorDPO: one-sided rejected penalty", ("beta",),
                       reference=True, pairs=True, metrics=_DPO_METRICS,
                       progress=("rewards/accuracies", "rewards/margins"), none_shape="[P]",
-                      per_item=_minor_dpo_items, metric_fn=_dpo_metric_fn),
+                      per_item=_minor_dpo_items, metric_fn=_dpo_metric_fn,
+                      item_grad=_minor_dpo_item_grad),
 }
 LOSS_NAMES = tuple(LOSSES)
 
@@ -371,3 +422,57 @@ def loss_from_token_logprobs(
     per, valid = spec.per_item(stats, **opts)
     out = reduce(per, valid, reduction)
     return (out, spec.metric_fn(stats, **opts)) if return_metrics else out
+
+
+class Coefficients:
+    """A scalar loss's gradient coefficients for part of its batch, for the fused linear
+    path, which forms the gradient chunk by chunk in the forward.
+
+    ``coefficients(seqs, S) -> (dL/dS [k], loss part [])``: ``seqs`` a host list of
+    sequence indices (whole pairs for a pair loss), ``S`` their log-prob sums; the parts
+    of all chunks sum to the loss, and ``dL/dS`` is the per-sequence coefficient that the
+    chunk's gradient needs (the closed forms of :data:`LOSSES` ``item_grad``: this runs
+    inside a custom op, where autograd is off; the tests hold them to autograd). The
+    reduction's denominator is the whole batch's, computed here once (no host sync). A
+    token-level loss (``token_level``) has one coefficient for every scored token:
+    ``coefficients(None, sum of log-probs) -> (dL/dlp, loss part)``.
+
+    Args:
+        S_ref: ``[B]`` reference per-sequence sums (detached); m: ``[B]`` scored tokens;
+        num_items: the token count of a token-level mean (``num_items_in_batch``) or None.
+    """
+
+    def __init__(self, loss: str, options: Mapping[str, object], reduction: str,
+                 S_ref: Optional[Tensor], m: Tensor, num_items=None):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: the coefficients need a scalar loss, got {reduction!r}")
+        self.spec, self.opts, self.m = get_loss(loss), dict(options), m
+        self.token_level = self.spec.token_level
+        self.S_ref, self.valid, self.P = S_ref, m > 0, m.shape[0] // 2
+        if self.token_level:
+            denom = m.sum() if num_items is None else num_items
+            if isinstance(denom, Tensor):
+                denom = denom.to(device=m.device, dtype=torch.float32).clamp(min=1)
+            else:
+                denom = torch.tensor(float(max(int(denom), 1)), device=m.device)
+            self.scale = -1.0 / denom if reduction == "mean" else torch.tensor(-1.0, device=m.device)
+            return
+        items = (self.valid[: self.P] & self.valid[self.P:]) if self.spec.pairs else self.valid
+        self.denom = items.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else 1.0
+
+    def __call__(self, seqs, S: Tensor):
+        if self.token_level:
+            return self.scale, self.scale * S
+        order = sorted(range(len(seqs)), key=lambda i: (seqs[i] >= self.P, seqs[i])) \
+            if self.spec.pairs else list(range(len(seqs)))
+        pos = torch.tensor(order, device=S.device)
+        idx = torch.tensor([seqs[i] for i in order], device=S.device)
+        valid = self.valid[idx]
+        stats = SequenceStats(S.detach().float()[pos], self.S_ref[idx].float(), self.m[idx], valid)
+        per, ok = self.spec.per_item(stats, **self.opts)
+        part = torch.where(ok, per, torch.zeros_like(per)).sum() / self.denom
+        ok_seq = ok.repeat(2) if self.spec.pairs else ok   # an item's gradient reaches its sequences
+        dS_sorted = torch.where(ok_seq, self.spec.item_grad(stats, **self.opts), 0.0) / self.denom
+        dS = torch.empty_like(dS_sorted)
+        dS[pos] = dS_sorted
+        return dS, part

@@ -8,9 +8,11 @@ capture it. Each backward is a second op that recomputes the softmax from the sa
 logsumexp; the logits path's in-place twin (opt-in) writes the gradient into the logits
 buffer.
 
-Backends: ``"triton"`` (``minorsft.kernels``) or ``"torch"`` (``minorsft.backends``), two
-implementations of the same functions with the same arguments; :func:`select_backend`
-picks one and :func:`implementation` returns its module for a path.
+Backends: ``"triton"`` (``minorsft.kernels.logprobs``) or ``"torch"``
+(``minorsft.backends.torch_logprobs``), two implementations of the same fold functions with
+the same arguments; :func:`select_backend` picks one and :func:`implementation` returns its
+module. The fused linear path's chunk driver (``minorsft.kernels.linear``: GEMMs + the
+fold) is one for both.
 """
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from minorsft.label_errors import label_flag, record_bad_labels
+from minorsft.kernels.common import scored_labels
+from minorsft.label_errors import label_flag
 
 log = logging.getLogger("minorsft")
 BACKENDS = ("auto", "triton", "torch")
-# path -> (Triton module, PyTorch module): same function names, same arguments.
-_MODULES = {"logprobs": ("minorsft.kernels.logprobs", "minorsft.backends.torch_logprobs"),
-            "linear": ("minorsft.kernels.linear", "minorsft.backends.torch_linear")}
+# backend -> the fold module: same function names, same arguments.
+_FOLDS = {"triton": "minorsft.kernels.logprobs", "torch": "minorsft.backends.torch_logprobs"}
 _warned = set()
 
 
@@ -72,10 +74,9 @@ def select_backend(backend: Optional[str], device: torch.device) -> str:
     return "torch"
 
 
-def implementation(path: str, backend: str):
-    """The module implementing ``path`` ("logprobs" or "linear") for a resolved backend."""
-    triton_mod, torch_mod = _MODULES[path]
-    return importlib.import_module(triton_mod if backend == "triton" else torch_mod)
+def implementation(backend: str):
+    """The fold module (``logprobs_forward`` / ``logprobs_backward``) of a resolved backend."""
+    return importlib.import_module(_FOLDS[backend])
 
 
 # --------------------------------------------------------------------------- logits path
@@ -86,7 +87,7 @@ def token_logprobs_op(logits: Tensor, labels: Tensor, ref_logits: Optional[Tenso
                       inplace_backward: bool, shift: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(lp [B,T'], lse [B,T'], ref_lp [B,T'] or [0])``, fp32, ``T' = T - shift``; see
     kernels/logprobs.py. Bad labels are added to the device's label flag (label_errors)."""
-    return implementation("logprobs", backend).logprobs_forward(
+    return implementation(backend).logprobs_forward(
         logits, labels, ref_logits, ignore_index=ignore_index, temperature=temperature,
         shift=shift, bad_labels=label_flag(logits.device))
 
@@ -104,7 +105,7 @@ def token_logprobs_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, grad
                                ignore_index: int, temperature: float, backend: str,
                                shift: bool) -> Tensor:
     """``[B, T, V]`` gradient in ``logits``' dtype."""
-    return implementation("logprobs", backend).logprobs_backward(
+    return implementation(backend).logprobs_backward(
         logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature,
         shift=shift)
 
@@ -119,7 +120,7 @@ def token_logprobs_backward_inplace_op(logits: Tensor, labels: Tensor, lse: Tens
                                        ignore_index: int, temperature: float, backend: str,
                                        shift: bool) -> None:
     """Like ``token_logprobs_backward`` but overwrites ``logits`` with the gradient."""
-    implementation("logprobs", backend).logprobs_backward(
+    implementation(backend).logprobs_backward(
         logits, labels, lse, grad_lp, ignore_index=ignore_index, temperature=temperature,
         shift=shift, out=logits)
 
@@ -150,57 +151,72 @@ token_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_
 
 
 # --------------------------------------------------------------------------- fused linear path
+# The driver (kernels/linear.py) is one for both backends: cuBLAS / CPU GEMMs on chunks,
+# and the logits path's fold (Triton, or its PyTorch mirror) on each chunk.
 
-def _budget(memory_budget: int) -> Optional[int]:
-    return memory_budget or None   # ops cannot take None for an int: 0 stands for the default
+def _driver():
+    return importlib.import_module("minorsft.kernels.linear")
+
+
+def _linear_opts(ignore_index, temperature, logit_scale, softcap, shift, backend, memory_budget):
+    return dict(fold=implementation(backend), ignore_index=ignore_index,
+                temperature=temperature, logit_scale=logit_scale, softcap=softcap, shift=shift,
+                memory_budget=memory_budget or None)   # ops take no None for an int: 0 = default
 
 
 @torch.library.custom_op("minorsft::linear_token_logprobs", mutates_args=())
 def linear_token_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                             ignore_index: int, temperature: float, backend: str,
-                             memory_budget: int) -> Tuple[Tensor, Tensor]:
-    """``(lp [B, T], lse [B, T])`` fp32 from ``hidden [B,T,H]``, ``weight [V,H]``, ``bias [V]``."""
-    record_bad_labels(labels, weight.shape[0], ignore_index, label_flag(hidden.device))
-    return implementation("linear", backend).linear_forward(
-        hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature,
-        memory_budget=_budget(memory_budget))
+                             ignore_index: int, temperature: float, logit_scale: float,
+                             softcap: float, shift: bool, backend: str, memory_budget: int,
+                             flag_labels: bool) -> Tuple[Tensor, Tensor]:
+    """``(lp [B, T'], lse [B, T'])`` fp32 from ``hidden [B,T,H]``, ``weight [V,H]``, ``bias [V]``;
+    ``flag_labels``: add bad labels to the device's label flag (not for a reference pass)."""
+    flag = label_flag(hidden.device) if flag_labels else None
+    return _driver().linear_forward(
+        hidden, weight, labels, bias, bad_labels=flag,
+        **_linear_opts(ignore_index, temperature, logit_scale, softcap, shift, backend, memory_budget))
 
 
 @linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, temperature, backend, memory_budget):
-    B, T, _ = hidden.shape
-    return (hidden.new_empty((B, T), dtype=torch.float32),
-            hidden.new_empty((B, T), dtype=torch.float32))
+def _(hidden, weight, bias, labels, ignore_index, temperature, logit_scale, softcap, shift,
+      backend, memory_budget, flag_labels):
+    shape = (hidden.shape[0], hidden.shape[1] - int(shift))
+    return (hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("minorsft::linear_token_logprobs_backward", mutates_args=())
 def linear_token_logprobs_backward_op(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-        grad_lp: Tensor, ignore_index: int, temperature: float, backend: str, memory_budget: int,
-        need_hidden: bool, need_weight: bool, need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        grad_lp: Tensor, ignore_index: int, temperature: float, logit_scale: float, softcap: float,
+        shift: bool, backend: str, memory_budget: int, need_hidden: bool, need_weight: bool,
+        need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(d_hidden, d_weight, d_bias)`` in the inputs' dtypes; an empty ``[0]`` tensor
     stands for a gradient that was not requested (ops cannot return None)."""
-    grads = implementation("linear", backend).linear_backward(
-        hidden, weight, labels, lse, grad_lp, bias, ignore_index=ignore_index,
-        temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias, memory_budget=_budget(memory_budget))
+    grads = _driver().linear_backward(
+        hidden, weight, labels, lse, grad_lp, bias, need_hidden=need_hidden,
+        need_weight=need_weight, need_bias=need_bias,
+        **_linear_opts(ignore_index, temperature, logit_scale, softcap, shift, backend, memory_budget))
     return tuple(g if g is not None else hidden.new_empty((0,)) for g in grads)
 
 
-@linear_token_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, labels, lse, grad_lp, ignore_index, temperature, backend,
-      memory_budget, need_hidden, need_weight, need_bias):
+def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
     empty = hidden.new_empty((0,))
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else empty,
             torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else empty,
             torch.empty_like(bias) if (need_bias and bias is not None) else empty)
 
 
+@linear_token_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, lse, grad_lp, ignore_index, temperature, logit_scale, softcap,
+      shift, backend, memory_budget, need_hidden, need_weight, need_bias):
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, temperature, backend, memory_budget = inputs
+    hidden, weight, bias, labels = inputs[:4]
     _lp, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.opts = (ignore_index, temperature, backend, memory_budget)
+    ctx.opts = inputs[4:11]   # ignore_index ... memory_budget
     ctx.mark_non_differentiable(lse)
 
 
@@ -209,11 +225,60 @@ def _linear_backward(ctx, grad_lp, _grad_lse):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = bool(need_b and bias is not None)
     if grad_lp is None or not (need_h or need_w or need_b):
-        return (None,) * 8
+        return (None,) * 12
     dh, dw, db = torch.ops.minorsft.linear_token_logprobs_backward(
         hidden, weight, bias, labels, lse, grad_lp, *ctx.opts, need_h, need_w, need_b)
-    return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None)
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 9
 
 
 linear_token_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("minorsft::linear_loss", mutates_args=())
+def linear_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                   ref_seq_logps: Optional[Tensor], num_items: Optional[Tensor], loss: str,
+                   beta: float, length_norm: str, loss_type: str, label_smoothing: float,
+                   reduction: str, ignore_index: int, temperature: float, logit_scale: float,
+                   softcap: float, shift: bool, backend: str, memory_budget: int,
+                   need_hidden: bool, need_weight: bool, need_bias: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss [], S [B], d_hidden, d_weight, d_bias)``: a scalar loss of ``LOSSES`` with
+    its gradients formed in the forward (kernels/linear.py); ``S`` the sequences' log-prob
+    sums (fp32, for the metrics); an empty ``[0]`` tensor for a gradient not requested."""
+    from minorsft import losses
+    spec = losses.get_loss(loss)
+    options = {k: v for k, v in dict(beta=beta, length_norm=length_norm, loss_type=loss_type,
+                                     label_smoothing=label_smoothing).items() if k in spec.options}
+    m = (scored_labels(labels, shift) != ignore_index).sum(-1)
+    coef = losses.Coefficients(loss, options, reduction, ref_seq_logps, m, num_items)
+    out = _driver().linear_loss(
+        hidden, weight, labels, bias, coefficients=coef, pairs=spec.pairs,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+        bad_labels=label_flag(hidden.device),
+        **_linear_opts(ignore_index, temperature, logit_scale, softcap, shift, backend, memory_budget))
+    return out[:2] + tuple(g if g is not None else hidden.new_empty((0,)) for g in out[2:])
+
+
+@linear_loss_op.register_fake
+def _(hidden, weight, bias, labels, ref_seq_logps, num_items, loss, beta, length_norm, loss_type,
+      label_smoothing, reduction, ignore_index, temperature, logit_scale, softcap, shift, backend,
+      memory_budget, need_hidden, need_weight, need_bias):
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), hidden.new_empty((hidden.shape[0],), **f32),
+            *_fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias))
+
+
+def _loss_setup_context(ctx, inputs, output):
+    _loss, seq, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.mark_non_differentiable(seq, dh, dw, db)
+
+
+def _loss_backward(ctx, grad_loss, *_):
+    """The gradients were formed in the forward: scale them by the upstream gradient."""
+    grads = tuple(g * grad_loss.to(g.dtype) if need and g.numel() else None
+                  for g, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:3]))
+    return grads + (None,) * 19
+
+
+linear_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)

@@ -96,7 +96,10 @@ def check_labels(labels, batch_shape, device, logits_name: str = "logits",
 
 
 def check_linear(prefix: str, hidden, weight, bias, batch_shape=None) -> None:
-    """``hidden [B,T,H]``, ``weight [V,H]`` of the same dtype/device, ``bias [V]`` or None."""
+    """``hidden [B,T,H]``, ``weight [V,H]`` on one device, ``bias [V]`` or None in the
+    weight's dtype. The weight has the hidden states' dtype, or is fp32 with bf16/fp16
+    hidden states (an fp32 lm_head under autocast: the math runs in the activations'
+    dtype)."""
     h, w, c = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
     for name, x in ((h, hidden), (w, weight)):
         if not isinstance(x, torch.Tensor):
@@ -110,8 +113,9 @@ def check_linear(prefix: str, hidden, weight, bias, batch_shape=None) -> None:
     if weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"{w}: hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) does "
                          f"not match {h} hidden size {hidden.shape[2]} (shape {tuple(hidden.shape)})")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w}: dtype {weight.dtype} does not match {h} dtype {hidden.dtype}")
+    if weight.dtype != hidden.dtype and weight.dtype != torch.float32:
+        raise TypeError(f"{w}: dtype {weight.dtype} does not match {h} dtype {hidden.dtype} "
+                        f"(allowed: the same dtype, or an fp32 weight with bf16/fp16 {h})")
     if weight.device != hidden.device:
         raise ValueError(f"{w}: on {weight.device}, but {h} is on {hidden.device}")
     if batch_shape is not None and tuple(hidden.shape[:2]) != tuple(batch_shape):
@@ -168,6 +172,16 @@ def check_token_options(labels, vocab: int, ignore_index, temperature,
     temperature = check_positive("temperature", temperature)
     check_labels_range(labels, vocab, ignore_index, check_labels)
     return temperature
+
+
+def check_logit_transform(logit_scale, softcap) -> tuple:
+    """``(logit_scale, softcap)`` as floats: ``logit_scale`` finite and > 0 (Cohere's
+    ``logit_scale``), ``softcap`` None/0 (none) or finite and > 0 (Gemma's
+    ``final_logit_softcapping``)."""
+    logit_scale = check_positive("logit_scale", logit_scale)
+    if softcap is None:
+        return logit_scale, 0.0
+    return logit_scale, check_positive("softcap", softcap) if softcap != 0 else 0.0
 
 
 def check_memory_budget(memory_budget) -> int:

@@ -36,10 +36,15 @@ def _chunks(B: int, T: int, V: int, elem: int) -> Iterator[Tuple[int, int, int]]
             yield b, t0, min(T, t0 + rows)
 
 
-def _scaled(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``z / tau`` in fp32 (no copy for fp32 logits at ``tau = 1``)."""
+def _scaled(z: torch.Tensor, temperature: float, logit_scale: float = 1.0,
+            softcap: float = 0.0) -> torch.Tensor:
+    """``capped(z) / tau`` in fp32 (see :func:`minorsft.kernels.logprobs.logprobs_forward`;
+    no copy for fp32 logits without any transform)."""
     z = z.float()
-    return z if temperature == 1.0 else z * (1.0 / temperature)
+    if softcap > 0:
+        return torch.tanh(z * (logit_scale / softcap)).mul_(softcap / temperature)
+    scale = logit_scale / temperature
+    return z if scale == 1.0 else z * scale
 
 
 def _label_info(labels: torch.Tensor, vocab: int, ignore_index: int):
@@ -56,16 +61,17 @@ def _any(mask: torch.Tensor) -> bool:
     return bool(mask.any()) if mask.device.type == "cpu" else True
 
 
-def _stats(logits: torch.Tensor, y_safe: torch.Tensor, keep: torch.Tensor, temperature: float):
-    """``(lse, target logit)`` ``[B, T]`` fp32 of ``logits / tau``, chunk by chunk; a chunk
-    of masked rows only is not read (its values are discarded by the caller)."""
+def _stats(logits: torch.Tensor, y_safe: torch.Tensor, keep: torch.Tensor, transform: dict):
+    """``(lse, target logit)`` ``[B, T]`` fp32 of ``capped(logits) / tau`` (``transform``:
+    :func:`_scaled`'s options), chunk by chunk; a chunk of masked rows only is not read
+    (its values are discarded by the caller)."""
     B, T = y_safe.shape
     lse = torch.zeros((B, T), dtype=torch.float32, device=logits.device)
     tgt = torch.zeros((B, T, 1), dtype=torch.float32, device=logits.device)
     for b, t0, t1 in _chunks(B, T, logits.shape[-1], logits.element_size()):
         if not _any(keep[b, t0:t1]):
             continue
-        z = _scaled(logits[b, t0:t1], temperature)
+        z = _scaled(logits[b, t0:t1], **transform)
         torch.logsumexp(z, dim=-1, out=lse[b, t0:t1])
         torch.gather(z, 1, y_safe[b, t0:t1, None], out=tgt[b, t0:t1])
     return lse, tgt[..., 0]
@@ -78,10 +84,13 @@ def logprobs_forward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
     shift: bool = False,
     bad_labels: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`minorsft.kernels.logprobs.logprobs_forward` (same shapes, same math)."""
+    transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=float(softcap or 0.0))
     labels = scored_labels(labels, shift)
     B, T = labels.shape
     V = logits.shape[-1]
@@ -93,29 +102,37 @@ def logprobs_forward(
         lp = torch.where(keep, torch.where(ok, tgt - lse, nan), 0.0)
         return lp, torch.where(keep, lse, 0.0)
 
-    lp, lse = finish(*_stats(logits, y_safe, keep, temperature))
+    lp, lse = finish(*_stats(logits, y_safe, keep, transform))
     if ref_logits is None:
         return lp, lse, _alloc((0,), torch.float32, logits.device)
-    return lp, lse, finish(*_stats(ref_logits, y_safe, keep, temperature))[0]
+    return lp, lse, finish(*_stats(ref_logits, y_safe, keep, transform))[0]
 
 
 def _grad_chunk(z: torch.Tensor, y_safe: torch.Tensor, shift_row: torch.Tensor, sign: torch.Tensor,
-                hit: torch.Tensor, dead: torch.Tensor, temperature: float, dst: torch.Tensor) -> None:
-    """``dst = coef * (onehot(y) - exp(z / tau - lse))`` for one ``[R, V]`` chunk, in place
-    in ``dst`` (fp32), in two passes over the chunk: ``exp(z / tau - shift_row)`` with
-    ``shift_row = lse - log|coef|`` is ``|coef| p`` (a row with ``coef = 0`` gives exactly
-    0), times ``sign(-coef)`` when a row needs it, plus ``hit = coef`` at the label.
-    Per-row inputs are ``[R, 1]``; ``dead`` rows (masked, zero coefficient) are exactly 0
-    even where their logits hold NaN or inf."""
-    if temperature == 1.0:
+                hit: torch.Tensor, dead: torch.Tensor, transform: dict, dst: torch.Tensor) -> None:
+    """``dst = coef * (onehot(y) - p) * d capped / d z`` for one ``[R, V]`` chunk, in place
+    in ``dst`` (fp32): ``exp(capped(z) / tau - shift_row)`` with ``shift_row = lse -
+    log|coef|`` is ``|coef| p`` (a row with ``coef = 0`` gives exactly 0), times
+    ``sign(-coef)`` when a row needs it, plus ``hit = coef`` at the label; with soft-capping,
+    times ``1 - tanh^2``. ``coef`` holds ``logit_scale / tau``. Per-row inputs are
+    ``[R, 1]``; ``dead`` rows (masked, zero coefficient) are exactly 0 even where their
+    logits hold NaN or inf. Without a transform: two passes over the chunk."""
+    temperature, scale, cap = transform["temperature"], transform["logit_scale"], transform["softcap"]
+    if cap > 0:
+        th = torch.tanh(z * (scale / cap))
+        torch.mul(th, cap / temperature, out=dst)
+        dst.sub_(shift_row)
+    elif scale / temperature == 1.0:
         torch.sub(z, shift_row, out=dst)
     else:
-        torch.mul(z, 1.0 / temperature, out=dst)
+        torch.mul(z, scale / temperature, out=dst)
         dst.sub_(shift_row)
     dst.exp_()
     if _any(sign < 0):
         dst.mul_(sign)
     dst.scatter_add_(1, y_safe, hit)                            # coef (1 - p) at the label
+    if cap > 0:
+        dst.mul_(th.mul_(th).neg_().add_(1.0))                  # d capped / d z = 1 - tanh^2
     if _any(dead):
         dst.masked_fill_(dead, 0.0)                             # no NaN * 0 on skipped rows
 
@@ -128,10 +145,13 @@ def logprobs_backward(
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
     shift: bool = False,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """See :func:`minorsft.kernels.logprobs.logprobs_backward` (same shapes, same math)."""
+    transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=float(softcap or 0.0))
     labels = scored_labels(labels, shift)
     B, T, V = logits.shape
     T_lab = labels.shape[1]
@@ -142,7 +162,7 @@ def logprobs_backward(
     y_safe, keep, ok = _label_info(labels, V, ignore_index)
     g = grad_lp.float()
     live = keep & (g != 0)
-    coef = torch.where(live, g * (1.0 / temperature), 0.0)
+    coef = torch.where(live, g * (logit_scale / temperature), 0.0)
     rows = dict(y_safe=y_safe[..., None], shift_row=(lse - coef.abs().log())[..., None],
                 sign=torch.where(coef > 0, -1.0, 1.0)[..., None],
                 hit=torch.where(ok, coef, 0.0)[..., None], dead=~live[..., None])
@@ -157,8 +177,8 @@ def logprobs_backward(
         if dst.dtype != torch.float32:   # fp32 scratch, rounded once into the output
             if scratch is None or scratch.shape[0] < t1 - t0:
                 scratch = torch.empty((t1 - t0, V), dtype=torch.float32, device=logits.device)
-            _grad_chunk(z, dst=scratch[: t1 - t0], temperature=temperature, **chunk)
+            _grad_chunk(z, dst=scratch[: t1 - t0], transform=transform, **chunk)
             dst.copy_(scratch[: t1 - t0])
         else:
-            _grad_chunk(z, dst=dst, temperature=temperature, **chunk)
+            _grad_chunk(z, dst=dst, transform=transform, **chunk)
     return out

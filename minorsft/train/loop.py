@@ -44,7 +44,7 @@ from minorsft.train.metrics import MetricsLog, NonFiniteError, StepLogger, StepR
 from minorsft.train.optim import build_optimizer
 from minorsft.train.outdir import OutDirLock, check_out_dir, prepare_out_dir
 from minorsft.train.preempt import Preemption
-from minorsft.train.step import LossSetup, check_plain_lm_head, compute_loss
+from minorsft.train.step import LossSetup, compute_loss
 
 
 def _check_resume_state(cfg: TrainConfig, path: str, state: dict) -> None:
@@ -223,8 +223,8 @@ class Run:
             if ds is not None and D.max_token_id(ds) >= vocab:
                 raise ConfigError(name, f"token id {D.max_token_id(ds)} >= the model's vocabulary "
                                   f"{vocab} (tokenizer/model mismatch)")
-        if self.cfg.fused_linear:
-            check_plain_lm_head(model)
+        if self.cfg.fused_linear:   # the model's logit transform (soft-capping, scale) or a refusal
+            self.setup_loss = LossSetup.from_config(self.cfg, model)
         use_bf16 = self.cfg.bf16 and self.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         return model

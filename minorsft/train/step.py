@@ -20,7 +20,8 @@ from minorsft.train.config import LOGIT_TRANSFORMS
 @dataclass(frozen=True)
 class LossSetup:
     """What a step needs to know about the loss: its name and options, the temperature,
-    the backend, the path (logits or fused linear) and whether SFT tracks the deviation."""
+    the backend, the path (logits or fused linear; with the model's logit transform) and
+    whether SFT tracks the deviation."""
 
     loss: str
     options: dict = field(default_factory=dict)
@@ -28,29 +29,41 @@ class LossSetup:
     backend: Optional[str] = None
     fused_linear: bool = False
     track_deviation: bool = False
+    transform: dict = field(default_factory=dict)   # softcap / logit_scale (fused linear)
 
     @classmethod
-    def from_config(cls, cfg) -> "LossSetup":
+    def from_config(cls, cfg, model=None) -> "LossSetup":
+        """From a :class:`~minorsft.train.config.TrainConfig` (and, for the fused linear
+        path, the model whose logit transform to apply)."""
+        transform = logit_transform(model) if cfg.fused_linear and model is not None else {}
         return cls(cfg.loss, cfg.loss_options(), cfg.temperature, cfg.backend, cfg.fused_linear,
-                   cfg.track_deviation)
+                   cfg.track_deviation, transform)
 
     def as_sft(self) -> "LossSetup":
         """The same model path scored with token-level cross-entropy (held-out CE)."""
-        return LossSetup("sft", {}, self.temperature, self.backend, self.fused_linear)
+        return LossSetup("sft", {}, self.temperature, self.backend, self.fused_linear,
+                         transform=self.transform)
 
     @property
     def spec(self):
         return ms.LOSSES[self.loss]
 
 
-def check_plain_lm_head(model) -> None:
-    """The fused linear path computes ``hidden @ W^T``: refuse models that transform their logits."""
+def logit_transform(model) -> dict:
+    """``{"softcap", "logit_scale"}`` for the fused linear path, read from the model's
+    config: Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale`` (logits times it),
+    Granite's ``logits_scaling`` (logits divided by it). Any other logit transform in
+    :data:`~minorsft.train.config.LOGIT_TRANSFORMS` is refused (``ValueError``)."""
     cfg = getattr(model, "config", None)
-    for name in LOGIT_TRANSFORMS:
-        value = getattr(cfg, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"fused_linear: the model's config sets {name}={value!r}; the fused "
-                             "linear loss computes plain hidden @ lm_head.weight^T logits")
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    values = {name: getattr(cfg, name, None) for name in LOGIT_TRANSFORMS}
+    set_ = {k: v for k, v in values.items() if v not in (None, 1, 1.0)}
+    unknown = sorted(set(set_) - {"final_logit_softcapping", "logit_scale", "logits_scaling"})
+    if unknown:
+        raise ValueError(f"fused_linear: the model's config sets {unknown[0]}={set_[unknown[0]]!r}, a "
+                         "logit transform the fused linear loss does not apply")
+    scale = float(values["logit_scale"] or 1.0) / float(values["logits_scaling"] or 1.0)
+    return {"softcap": values["final_logit_softcapping"] or None, "logit_scale": scale}
 
 
 def hidden_states(model, unwrapped, fwd: dict) -> torch.Tensor:
@@ -77,16 +90,19 @@ def _on(fwd: dict, module) -> dict:
 
 
 def _head(model, dtype, device):
-    """``(weight, bias)`` of the lm_head in ``dtype`` on ``device``; an FSDP2-sharded
-    weight is gathered (``full_tensor``, differentiable)."""
+    """``(weight, bias)`` of the lm_head on ``device``; an FSDP2-sharded weight is gathered
+    (``full_tensor``, differentiable). An fp32 head with ``dtype`` activations (autocast)
+    stays fp32: the fused linear path computes in the activations' dtype itself and
+    returns the fp32 gradient; any other mismatch is cast to ``dtype``."""
     head = model.get_output_embeddings()
     weight, bias = head.weight, head.bias
     if hasattr(weight, "full_tensor"):
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
-    if weight.dtype != dtype or weight.device != device:   # autocast: the activations' dtype
-        weight = weight.to(device, dtype)
-        bias = bias.to(device, dtype) if bias is not None else None
+    target = weight.dtype if weight.dtype in (dtype, torch.float32) else dtype
+    if weight.dtype != target or weight.device != device:
+        weight = weight.to(device, target)
+        bias = bias.to(device, target) if bias is not None else None
     return weight, bias
 
 
@@ -119,10 +135,11 @@ def _token_fn(setup: LossSetup):
 
 
 def _common(setup: LossSetup) -> dict:
-    """Options of every library call of a step: Hugging Face labels (``shift``), and no
-    eager label check (a host sync): the loop reads the label flag when it logs."""
+    """Options of every library call of a step: Hugging Face labels (``shift``), no eager
+    label check (a host sync: the loop reads the label flag when it logs), and on the
+    fused linear path the model's logit transform."""
     return dict(backend=setup.backend, temperature=setup.temperature, check_labels=False,
-                shift=True)
+                shift=True, **setup.transform)
 
 
 def _deviation(setup: LossSetup, ref_kw: dict, labels, lp_policy, ref_logps):

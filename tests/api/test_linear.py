@@ -5,8 +5,9 @@ upcast inputs and applies the SPEC formulas (tests/ground_truth.py). The error b
 eager formula as people run it in the input dtype: logits from a matmul in that
 dtype, then an fp32 log-softmax. Shapes are odd on purpose (H not a multiple of 16,
 V not a power of two), with masked prompt tokens and a strided ``hidden[:, :-1]``.
-The Triton kernels run with small tiles so that every loop (row blocks, vocabulary
-tiles, hidden slices, several backward launches) iterates more than once.
+Every test runs under two chunk budgets (``plan``): chunks of two sequences (the
+gradient-in-forward plan over several chunks) and chunks of a few rows (smaller than a
+sequence: the two-pass plan and the per-token plan with many chunks).
 """
 import pytest
 import torch
@@ -44,14 +45,13 @@ FNS = {"sft": L.linear_sft_loss, "minor_sft": L.linear_minor_sft_loss,
        "dpo": L.linear_dpo_loss, "minor_dpo": L.linear_minor_dpo_loss}
 
 
-@pytest.fixture(autouse=True)
-def _small_tiles(monkeypatch):
-    """Tiles smaller than the shapes (the defaults would cover them in one tile)."""
-    monkeypatch.setenv("MINORSFT_LINEAR_BLOCK_N", "16")
-    monkeypatch.setenv("MINORSFT_LINEAR_BLOCK_V", "32")
-    monkeypatch.setenv("MINORSFT_LINEAR_BLOCK_H", "16")
-    monkeypatch.setenv("MINORSFT_LINEAR_BWD_ROWS", "32")
-    monkeypatch.setenv("MINORSFT_LINEAR_BWD_VOCAB", "32")
+@pytest.fixture(autouse=True, params=["sequences", "rows"])
+def plan(request, monkeypatch):
+    """Chunk budgets smaller than the shapes (the default would hold them in one chunk):
+    about two sequences of fp32 rows, or 5 rows (less than one sequence)."""
+    rows = 2 * T if request.param == "sequences" else 5
+    monkeypatch.setenv("MINORSFT_LINEAR_CHUNK_BYTES", str(rows * V * 4))
+    return request.param
 
 
 def make_inputs(dtype, device, *, bias=True, b=B, t=T, h=H, v=V):

@@ -111,3 +111,28 @@ def test_minor_sft_coefficient_matches_paper(backend, device):
     # zeroes those rows, so only unmasked tokens matter.
     expected = coef[:, None].expand_as(lp)
     torch.testing.assert_close(g_tok[mask], expected[mask], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,opts", [c for c in CASES if c[0] != "sft"],
+                         ids=[c[0] + "-" + "-".join(map(str, c[1].values())) for c in CASES if c[0] != "sft"])
+def test_closed_form_coefficients_match_autograd(kind, opts):
+    """The fused linear path forms gradients with the closed-form dL/dS of each loss
+    (losses.LOSSES item_grad, inside a custom op where autograd is off): they must equal
+    autograd through the per-item formula, ties (r_l = 0, the hinge's kink) included."""
+    from minorsft import losses
+    g = torch.Generator().manual_seed(5)
+    B = 8
+    S = (-torch.rand(B, generator=g, dtype=torch.float64) * 40).requires_grad_(True)
+    S_ref = -torch.rand(B, generator=g, dtype=torch.float64) * 40
+    S_ref[B // 2] = S[B // 2].detach()                    # r_l = 0 exactly (minor_dpo's tie)
+    m = torch.randint(1, 30, (B,), generator=g)
+    m[1] = 0                                              # an empty sequence
+    spec = ms.LOSSES[kind]
+    full = losses.check_options(kind, dict(opts, beta=0.5))
+    stats = losses.SequenceStats(S, S_ref, m, m > 0)
+    per, ok = spec.per_item(stats, **full)
+    (auto,) = torch.autograd.grad(torch.where(ok, per, torch.zeros_like(per)).sum(), S)
+    closed = spec.item_grad(losses.SequenceStats(S.detach(), S_ref, m, m > 0), **full)
+    ok_seq = ok.repeat(2) if spec.pairs else ok
+    torch.testing.assert_close(torch.where(ok_seq, closed, torch.zeros_like(closed)), auto,
+                               rtol=1e-12, atol=1e-12)

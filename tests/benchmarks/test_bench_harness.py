@@ -105,13 +105,14 @@ def test_tiny_linear_run_writes_schema(tmp_path):
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "benchmarks.bench_linear", "--tiny", "--vocabs", "1000", "--tokens", "32",
-           "--cases", "minor_dpo", "--providers", "minorsft,eager,cce", "--cpu-reps", "1", "--out", str(out)]
+           "--cases", "minor_dpo", "--providers", "minorsft,gemms,eager,cce", "--cpu-reps", "1",
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
     assert list(res) == list(U.TOP_KEYS)
     rows = {r["provider"]: r for r in res["rows"]}
-    assert set(rows) == {"minorsft", "eager"}, res["rows"]      # cce is sft-only: no row
+    assert set(rows) == {"minorsft", "gemms", "eager"}, res["rows"]      # cce is sft-only: no row
     for provider, row in rows.items():
         assert set(row) == set(U.ROW_KEYS), (provider, row)
         assert row["case"] == "linear_minor_dpo" and row["floor_ms"] is None

@@ -35,14 +35,5 @@ def test_logits_path_loss_forward_backward_never_syncs(name):
     _no_sync(step)
 
 
-def test_linear_path_loss_forward_backward_never_syncs():
-    B, T, H, V = 2, 64, 256, 32000
-    hidden = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = (torch.randn(V, H, device="cuda") / H ** 0.5).to(torch.bfloat16).requires_grad_(True)
-    labels = torch.randint(0, V, (B, T), device="cuda")
-
-    def step():
-        ms.linear_minor_sft_loss(hidden, weight, labels, ref_logprobs=torch.zeros(B, device="cuda"),
-                                 shift=True).backward()
-
-    _no_sync(step)
+# The fused linear path reads its scored-row counts on the host once per call (the
+# compaction that spares prompt and padding rows their GEMMs): it is not in this test.

@@ -82,11 +82,9 @@ def test_sft_normalises_by_tokens_of_the_whole_step(synth):
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["sft", "minor_sft", "dpo", "minor_dpo"])
-def test_fused_linear_path_matches_logits_path(synth, loss):
-    pytest.importorskip("minorsft.linear")
-    torch.manual_seed(0)
-    model, tok = tiny.build_tiny_model(seed=0)
+def _both_paths(model, tok, synth, loss, **cfg_kw):
+    """Loss, metrics and gradients of one batch through the logits path and through the
+    fused linear path (a perturbed copy of the model is the policy)."""
     ref = R.frozen_copy(model)
     with torch.no_grad():
         for p in model.parameters():
@@ -97,18 +95,26 @@ def test_fused_linear_path_matches_logits_path(synth, loss):
     n = int((b["labels"][:, 1:] != -100).sum())
     out = []
     for fused in (False, True):
-        cfg = TrainConfig(loss=loss, fused_linear=fused, track_deviation=True)
+        setup = LossSetup.from_config(TrainConfig(loss=loss, fused_linear=fused, **cfg_kw), model)
         model.zero_grad()
-        l, m = compute_loss(LossSetup.from_config(cfg), model, b, ref_model=ref, num_items=n, denom=4.0)
+        l, m = compute_loss(setup, model, b, ref_model=ref, num_items=n, denom=4.0)
         l.backward()
-        out.append((l.detach(), m, [p.grad.clone() for p in model.parameters()]))
-    (l0, m0, g0), (l1, m1, g1) = out
+        out.append((setup, l.detach(), m, [p.grad.clone() for p in model.parameters()]))
+    (_, l0, m0, g0), (setup, l1, m1, g1) = out
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for k in m0:
         torch.testing.assert_close(m1[k], m0[k], rtol=1e-5, atol=1e-6)
     assert sum(float(g.norm()) for g in g0) > 0
     for a, c in zip(g1, g0):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    return setup
+
+
+@pytest.mark.parametrize("loss", ["sft", "minor_sft", "dpo", "minor_dpo"])
+def test_fused_linear_path_matches_logits_path(synth, loss):
+    torch.manual_seed(0)
+    model, tok = tiny.build_tiny_model(seed=0)
+    _both_paths(model, tok, synth, loss, track_deviation=True)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, synth):
@@ -192,3 +198,19 @@ def test_reference_in_another_dtype(tmp_path, synth):
     bf16 = train(base(tmp_path / "b", synth, loss="minor_sft", max_steps=2, eval_data=None, ref_dtype="bfloat16"))
     assert losses(bf16) != losses(fp32)  # the reference really ran in bf16
     torch.testing.assert_close(losses(bf16), losses(fp32), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("loss", ["sft", "minor_dpo"])
+def test_fused_linear_applies_the_models_logit_softcapping(synth, loss):
+    """A Gemma 2 model soft-caps its logits (final_logit_softcapping): the fused linear
+    path reads that from the config and gives the logits path's loss and gradients."""
+    transformers = pytest.importorskip("transformers")
+    tok = tiny.build_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        final_logit_softcapping=3.0, attn_logit_softcapping=None, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    setup = _both_paths(transformers.Gemma2ForCausalLM(cfg).float(), tok, synth, loss)
+    assert setup.transform == {"softcap": 3.0, "logit_scale": 1.0}
