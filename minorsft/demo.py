@@ -6,8 +6,8 @@ The demo measures what that buys, against SFT, on a problem small enough for a C
 
 1. Stage 0 trains the tiny Llama model on task family A (``tiny.TASK_FAMILIES["A"]``)
    until it solves A's held-out prompts. The result is cached in ``OUT/base/``, keyed by
-   a hash of its recipe (settings, A's training data, torch version, thread count), so a
-   rerun skips it and a change of recipe retrains it. It is the starting point of every
+   a hash of its recipe (settings, A's training data, the package's source, torch
+   version, thread count, device), so a rerun skips it and a change of recipe retrains it. It is the starting point of every
    fine-tune and their reference model.
 2. The base model is fine-tuned on the held-out family B with SFT and with MinorSFT at
    the same grid of learning rates (same steps, batch and seed), each run in its own
@@ -64,8 +64,9 @@ def run_demo(out_dir: str = "runs/demo", *, seed: int = 0, base_steps: int = 400
                 for i, (fam, tasks) in enumerate((("A", tasks_a), ("B", tasks_b)))}
         recipe = dict(tasks=list(tasks_a), steps=base_steps, lr=base_lr, batch_size=batch_size,
                       warmup_steps=20, max_length=MAX_LENGTH, hidden_size=hidden_size, seed=seed,
-                      data_sha256=_sha256(data["A"]["train"]), threads=threads,
-                      torch=torch.__version__)
+                      data_sha256=_sha256(data["A"]["train"]), code_sha256=_source_sha256(),
+                      threads=threads, torch=torch.__version__,
+                      device=os.environ.get("MINORSFT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
         setup = dict(base_recipe=recipe, tasks_b=list(tasks_b), methods=list(methods), lrs=list(lrs),
                      steps=steps, batch_size=batch_size, beta=beta, seed=seed,
                      n_eval={fam: _count(d["eval"]) for fam, d in data.items()})
@@ -268,6 +269,19 @@ def report(results: dict) -> list:
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def _source_sha256() -> str:
+    """A hash of the package's Python source (``minorsft/**/*.py``): a change to the code
+    that trains stage 0 retrains it."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(dirpath, name)
+            h.update(f"{os.path.relpath(path, root)} {_sha256(path)}\n".encode())
+    return h.hexdigest()
 
 
 def _count(path: str) -> int:
