@@ -31,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a causal LM with a fused loss",
                        description="Fine-tune a causal LM with a fused loss against a frozen reference.")
     add_arguments(t)
-    dm = sub.add_parser("demo", help="SFT vs MinorSFT on the built-in tiny model and synthetic tasks")
-    dm.add_argument("--out-dir", default="runs/demo")
-    dm.add_argument("--steps", type=int, default=None)
-    dm.add_argument("--beta", type=float, default=None)
-    dm.add_argument("--seed", type=int, default=0)
+    dm = sub.add_parser(
+        "demo", help="SFT vs MinorSFT fine-tuning a trained tiny model on new tasks",
+        description="Train the built-in tiny model on task family A (cached), fine-tune it on "
+                    "family B with SFT and MinorSFT at a grid of learning rates, and compare "
+                    "what each learns (B) and keeps (A).")
+    dm.add_argument("--out-dir", default="runs/demo",
+                    help="output folder: results.json, frontier.png, the cached base model in "
+                         "OUT_DIR/base and each run's folder in OUT_DIR/runs (default: %(default)s)")
+    dm.add_argument("--seed", type=int, default=0,
+                    help="seed of the data, the model's initialisation and the data order; "
+                         "another seed trains another base model (default: %(default)s)")
     return parser
 
 
@@ -60,7 +66,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from minorsft.demo import run_demo
-        run_demo(out_dir=args.out_dir, steps=args.steps, beta=args.beta, seed=args.seed)
+        run_demo(out_dir=args.out_dir, seed=args.seed)
         return 0
     from minorsft.train import train
     from minorsft.train.metrics import NonFiniteError

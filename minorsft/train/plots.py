@@ -1,4 +1,6 @@
-"""Plots of training metrics (matplotlib, headless): loss and deviation vs step per run."""
+"""Plots (matplotlib, headless, written atomically): training metrics vs step per run
+(:func:`plot_runs`), and the demo's frontier of what fine-tuning learned against what it
+kept (:func:`plot_frontier`)."""
 from __future__ import annotations
 
 import json
@@ -42,11 +44,23 @@ def plot_runs(records: list, path: str, *, panels=PANELS, title: str | None = No
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, color=f"C{i}", label=f"{run} ({split})", **style)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(caption, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label(ax, "step", key, caption)
+    return _save(fig, path, title)
+
+
+def _label(ax, xlabel: str, ylabel: str, caption: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(caption, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str, title: str | None) -> str:
+    """Write ``fig`` (with ``title`` above it) to ``path`` as a PNG through a temporary
+    file and a rename; close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -56,3 +70,36 @@ def plot_runs(records: list, path: str, *, panels=PANELS, title: str | None = No
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+FRONTIER_PANELS = (("retention_accuracy", "kept: held-out exact match on the base model's tasks (A)"),
+                   ("deviation", "deviation: per-token log-ratio to the base model on B"))
+
+
+def plot_frontier(results: dict, path: str, *, title: str | None = None) -> str:
+    """Write a PNG of target accuracy (held-out exact match on the new tasks) against
+    retention and against deviation: one curve per method through its learning rates
+    (each point labelled with its rate), starting at the base model (a star: nothing
+    learned, nothing lost, deviation 0). ``results``: the demo's results dict
+    (``base`` and ``rows`` of ``method``, ``lr``, ``target_accuracy``,
+    ``retention_accuracy``, ``deviation``). Returns ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = dict(results["base"], deviation=0.0)
+    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
+    for ax, (key, caption) in zip(axes.flat, FRONTIER_PANELS):
+        ax.plot([base[key]], [base["target_accuracy"]], marker="*", ms=14, color="k", ls="",
+                label="base model")
+        for i, method in enumerate(methods):
+            rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["lr"])
+            xs = [base[key]] + [r[key] for r in rows]
+            ys = [base["target_accuracy"]] + [r["target_accuracy"] for r in rows]
+            ax.plot(xs, ys, color=f"C{i}", marker="o", lw=1.4, label=method)
+            for r in rows:
+                ax.annotate(f"{r['lr']:g}", (r[key], r["target_accuracy"]), fontsize=7,
+                            color=f"C{i}", xytext=(4, -9 if i else 4), textcoords="offset points")
+        _label(ax, key, "target_accuracy (learned: held-out exact match on B)", caption)
+    return _save(fig, path, title)

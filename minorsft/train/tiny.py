@@ -7,6 +7,15 @@ plausible wrong answer makes a natural rejected response for DPO-style losses:
 - ``add``: ``"7+5="`` -> ``"12"`` (wrong: off by one or two)
 - ``rev``: ``"rev abc="`` -> ``"cba"`` (wrong: the input unchanged or rotated)
 - ``up``:  ``"up abc="`` -> ``"ABC"`` (wrong: one letter left lower-case)
+
+Three more, in the same style (the demo trains a base model on ``rev`` and ``up``, then
+fine-tunes it on these; :data:`TASK_FAMILIES` names both families):
+
+- ``low``:  ``"low ABC="`` -> ``"abc"`` (wrong: one letter left upper-case)
+- ``rot``:  ``"rot abc="`` -> ``"bcd"`` (each letter shifted by one, ``z`` -> ``a``; wrong: one
+  letter left unshifted)
+- ``swap``: ``"swap abc="`` -> ``"bac"`` (the first two letters swapped; wrong: the input
+  unchanged, or the last two swapped)
 """
 from __future__ import annotations
 
@@ -140,7 +149,36 @@ def _task_up(rng: random.Random):
     return f"up {w}=", w.upper(), wrong
 
 
-TASKS = {"add": _task_add, "rev": _task_rev, "up": _task_up}
+def _task_low(rng: random.Random):
+    w = _word(rng).upper()
+    k = rng.randrange(len(w))
+    wrong = w.lower()[:k] + w[k] + w.lower()[k + 1:]
+    return f"low {w}=", w.lower(), wrong
+
+
+def _task_rot(rng: random.Random):
+    w = _word(rng)
+    answer = "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) for c in w)
+    k = rng.randrange(len(w))
+    return f"rot {w}=", answer, answer[:k] + w[k] + answer[k + 1:]
+
+
+def _task_swap(rng: random.Random):
+    w = _word(rng)
+    while w[0] == w[1]:
+        w = _word(rng)
+    wrong = w if rng.random() < 0.5 else w[0] + w[2] + w[1]
+    return f"swap {w}=", w[1] + w[0] + w[2:], wrong
+
+
+TASKS = {"add": _task_add, "rev": _task_rev, "up": _task_up,
+         "low": _task_low, "rot": _task_rot, "swap": _task_swap}
+# The demo's two families: a base model learns "A", then is fine-tuned on "B". Their
+# answers are all three characters. `add` is left out of "A": a held-out sum (a digit
+# pair never seen in training) has to be memorised, not worked out by a rule, and the
+# tiny model's held-out exact match on it stayed under one half while `rev` and `up`
+# reached 1.0.
+TASK_FAMILIES = {"A": ("rev", "up"), "B": ("low", "rot", "swap")}
 
 
 def synthetic_rows(n: int, *, seed: int = 0, tasks=("add", "rev", "up")):
