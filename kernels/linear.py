@@ -41,8 +41,8 @@ Deterministic: the GEMMs and reductions run in a fixed order, nothing is accumul
 atomics, so ``dH``, ``dW`` and ``db`` are bitwise identical from run to run on one device.
 
 Compaction reads the number of scored rows of each sequence on the host (one
-synchronisation per call); under CUDA-graph capture nothing is read and every row is
-kept (rows without a label then cost their GEMM share but contribute exactly 0).
+synchronisation per call, so this path is not CUDA-graph capturable; ``torch.compile``
+traces it as one opaque custom op).
 """
 from __future__ import annotations
 
@@ -100,26 +100,18 @@ class Rows:
         return out
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def compact(hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, shift: bool,
             pairs: bool, dtype: torch.dtype) -> Rows:
     """The :class:`Rows` of ``hidden [B, T, H]`` (any strides) scored against ``labels``.
 
-    One host read (the scored rows per sequence) unless a CUDA graph is being captured.
-    ``pairs``: order the sequences ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair
+    One host read (the scored rows per sequence). ``pairs``: order the sequences ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair
     are adjacent (chunks of whole pairs are then contiguous).
     """
     lab = scored_labels(labels, shift)
     B, Tp = lab.shape
     order = ([i for k in range(B // 2) for i in (k, B // 2 + k)] if pairs else list(range(B)))
     keep = lab != ignore_index
-    if _capturing(hidden.device):   # no host read while a CUDA graph is captured: keep all
-        keep, counts_all = torch.ones_like(keep), [Tp] * B
-    else:
-        counts_all = keep.sum(1).tolist()
+    counts_all = keep.sum(1).tolist()                      # the one host read of a call
     counts = [counts_all[s] for s in order]
     perm = torch.tensor(order, device=lab.device)
     flat = torch.nonzero_static(keep[perm].flatten(), size=sum(counts)).squeeze(1)
