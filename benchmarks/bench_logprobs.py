@@ -231,6 +231,8 @@ def _compiled(base: str) -> Callable:
             if hasattr(cfg, name):
                 setattr(cfg, name, max(64, getattr(cfg, name)))
         fn = _eager_token_logprobs if base == "token_logprobs" else eager.LOSSES[base]
+        # the bwd mode reruns one backward with retain_graph=True, which donated buffers forbid
+        torch._functorch.config.donated_buffer = False
         _COMPILED[base] = torch.compile(fn)
     return _COMPILED[base]
 

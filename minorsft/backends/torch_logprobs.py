@@ -1,7 +1,7 @@
 """Pure-PyTorch backend for the logits path: the same math as the Triton kernels.
 
 Used on CPU tensors (and as a comparison). It walks the token rows in small chunks
-(``MINORSFT_TORCH_CHUNK_BYTES`` of logits per chunk, default 1 MiB: a few rows that
+(``MINORSFT_TORCH_CHUNK_BYTES`` of logits per chunk, default 4 MiB: a few rows that
 stay in the CPU's cache while the chunk's passes run over them), so it never holds an
 fp32 ``[N, V]`` copy and each logit comes from main memory once per direction, as in the
 kernels. Each chunk is a view ``logits[b, t0:t1]``: strided inputs such as
@@ -9,9 +9,10 @@ kernels. Each chunk is a view ``logits[b, t0:t1]``: strided inputs such as
 :mod:`minorsft.kernels.logprobs` function for function and argument for argument.
 
 Per chunk of rows ``z`` (fp32 views of fp32 logits, a cached fp32 copy otherwise):
-forward ``lse = logsumexp(z / tau)`` and the label's logit; backward
-``g / tau * (onehot - exp(z / tau - lse))`` formed in place in the fp32 output chunk (or
-an fp32 scratch chunk, then rounded once into a low-precision output).
+forward torch's fused ``log_softmax(z / tau)`` into a chunk scratch, read at the label
+(and ``lse = z[y] - log_softmax[y]``); backward ``g / tau * (onehot - exp(z / tau - lse))``
+formed in place in the fp32 output chunk in two passes (or in an fp32 scratch chunk, then
+rounded once into a low-precision output).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from minorsft.kernels.common import alloc_output as _alloc
 from minorsft.kernels.common import scored_labels
 from minorsft.label_errors import record_bad_labels
 
-DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20
 
 
 def _chunks(B: int, T: int, V: int, elem: int) -> Iterator[Tuple[int, int, int]]:
@@ -62,19 +63,26 @@ def _any(mask: torch.Tensor) -> bool:
 
 
 def _stats(logits: torch.Tensor, y_safe: torch.Tensor, keep: torch.Tensor, transform: dict):
-    """``(lse, target logit)`` ``[B, T]`` fp32 of ``capped(logits) / tau`` (``transform``:
-    :func:`_scaled`'s options), chunk by chunk; a chunk of masked rows only is not read
+    """``(lse, label log-prob)`` ``[B, T]`` fp32 of ``capped(logits) / tau`` (``transform``:
+    :func:`_scaled`'s options), chunk by chunk, from torch's fused log-softmax into a
+    chunk-sized scratch (one pass of the row in cache for the max, one for the sum, one to
+    write); ``lse = z[y] - log_softmax(z)[y]``. A chunk of masked rows only is not read
     (its values are discarded by the caller)."""
     B, T = y_safe.shape
-    lse = torch.zeros((B, T), dtype=torch.float32, device=logits.device)
-    tgt = torch.zeros((B, T, 1), dtype=torch.float32, device=logits.device)
+    lse = torch.zeros((B, T, 1), dtype=torch.float32, device=logits.device)
+    lp = torch.zeros((B, T, 1), dtype=torch.float32, device=logits.device)
+    scratch = None
     for b, t0, t1 in _chunks(B, T, logits.shape[-1], logits.element_size()):
         if not _any(keep[b, t0:t1]):
             continue
         z = _scaled(logits[b, t0:t1], **transform)
-        torch.logsumexp(z, dim=-1, out=lse[b, t0:t1])
-        torch.gather(z, 1, y_safe[b, t0:t1, None], out=tgt[b, t0:t1])
-    return lse, tgt[..., 0]
+        if scratch is None or scratch.shape[0] < t1 - t0:
+            scratch = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        logp = torch.log_softmax(z, dim=-1, out=scratch[: t1 - t0])
+        y = y_safe[b, t0:t1, None]
+        torch.gather(logp, 1, y, out=lp[b, t0:t1])
+        torch.sub(z.gather(1, y), lp[b, t0:t1], out=lse[b, t0:t1])
+    return lse[..., 0], lp[..., 0]
 
 
 def logprobs_forward(
@@ -98,9 +106,8 @@ def logprobs_forward(
     y_safe, keep, ok = _label_info(labels, V, ignore_index)
     nan = torch.full((), float("nan"), device=logits.device)
 
-    def finish(lse, tgt):   # 0 where masked, NaN for a bad label
-        lp = torch.where(keep, torch.where(ok, tgt - lse, nan), 0.0)
-        return lp, torch.where(keep, lse, 0.0)
+    def finish(lse, lp):   # 0 where masked, NaN for a bad label
+        return torch.where(keep, torch.where(ok, lp, nan), 0.0), torch.where(keep, lse, 0.0)
 
     lp, lse = finish(*_stats(logits, y_safe, keep, transform))
     if ref_logits is None:
