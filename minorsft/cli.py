@@ -1,15 +1,18 @@
-"""Command line: ``minorsft train ...`` / ``minorsft demo`` (also ``python -m minorsft``).
+"""Command line: ``minorsft train | select | spin | recipe | demo`` (also ``python -m minorsft``).
 
-A thin layer: ``train``'s flags are generated from :class:`minorsft.train.TrainConfig`
-(one flag per field, with its default and help) and the configuration is validated
-before any work starts. Distributed runs go through torchrun, e.g.
+A thin layer: each command's flags are generated from its config dataclass (one flag per
+field, with its default and help: :class:`~minorsft.train.TrainConfig`,
+:class:`~minorsft.train.SelectConfig`, :class:`~minorsft.train.SpinConfig`,
+:class:`~minorsft.train.RecipeConfig`), and the configuration is checked before any work
+starts. Distributed training goes through torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m minorsft train --data d.jsonl [--fsdp]``.
 
-Exit status of ``train``: 0 done; 2 refused before any work (a bad flag, data row or
-output folder, a checkpoint that does not verify); 3 a non-finite loss or gradient norm
-stopped the run (nothing of it saved); 75 (:data:`~minorsft.train.preempt.EXIT_PREEMPTED`)
-stopped by SIGTERM / SIGINT, after writing a checkpoint when a step was running: the
-command that resumes it is printed; 130 Ctrl-C while the arguments were being checked.
+Exit status: 0 done; 2 refused before any work (a bad flag, data row, recipe or output
+folder, a checkpoint that does not verify); 3 a non-finite loss or gradient norm stopped
+the run (nothing of it saved); 75 (:data:`~minorsft.train.preempt.EXIT_PREEMPTED`)
+stopped by SIGTERM / SIGINT, after writing a checkpoint when a step was running: ``train``
+prints the command that resumes it, ``spin`` and ``recipe`` resume when run again; 130
+Ctrl-C while the arguments were being checked.
 """
 from __future__ import annotations
 
@@ -17,20 +20,42 @@ import argparse
 import json
 import sys
 
-from minorsft.train.config import ConfigError, add_arguments, config_from_args, flag
+from minorsft.train.config import ConfigError, add_arguments, check_fields, config_from_args, flag
 
 EXIT_REFUSED = 2
 EXIT_NONFINITE = 3
 
 
+# The commands generated from a config dataclass: (help, description).
+COMMANDS = {
+    "train": ("fine-tune a causal LM with a fused loss",
+              "Fine-tune a causal LM with a fused loss against a frozen reference."),
+    "select": ("LoBaSS: keep the SFT rows a fine-tune learns most from",
+               "Score each SFT row by its learnability (L0 - L1) / L0 (token-mean response "
+               "cross-entropy under the base and a fine-tuned model) and keep the top fraction."),
+    "spin": ("SPIN: self-play rounds of DPO against the model's own responses",
+             "Each round the previous round's model answers the SFT prompts; a DPO-family loss "
+             "prefers the dataset's response, with the previous round's model as reference."),
+    "recipe": ("run a multi-stage pipeline (train / select / spin stages) from a file",
+               "Run the stages of a recipe file in order; finished stages are skipped."),
+}
+
+
+def config_class(command: str):
+    """The config dataclass of a command."""
+    from minorsft.train import RecipeConfig, SelectConfig, SpinConfig, TrainConfig
+    return {"train": TrainConfig, "select": SelectConfig, "spin": SpinConfig,
+            "recipe": RecipeConfig}[command]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``minorsft`` parser with its ``train`` and ``demo`` commands."""
+    """The ``minorsft`` parser: ``train``, ``select``, ``spin``, ``recipe`` and ``demo``."""
     parser = argparse.ArgumentParser(
         prog="minorsft", description="Fine-tune causal LMs with the fused SFT / MinorSFT / DPO / MinorDPO losses.")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="fine-tune a causal LM with a fused loss",
-                       description="Fine-tune a causal LM with a fused loss against a frozen reference.")
-    add_arguments(t)
+    for command, (help_text, description) in COMMANDS.items():
+        add_arguments(sub.add_parser(command, help=help_text, description=description),
+                      config_class(command))
     dm = sub.add_parser(
         "demo", help="SFT vs MinorSFT fine-tuning a trained tiny model on new tasks",
         description="Train the built-in tiny model on task family A (cached), fine-tune it on "
@@ -45,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _label(command: str, name: str) -> str:
+    """A config field as the command line spells it: ``--flag``, or ``FILE`` (positional)."""
+    f = config_class(command).__dataclass_fields__.get(name)
+    return name.upper() if f is not None and f.metadata["positional"] else flag(name)
+
+
 def _error(command: str, e: Exception, status: int = EXIT_REFUSED) -> int:
     """Print a one-line error (a config field spelled as its flag) and return ``status``."""
-    msg = f"{flag(e.field)}: {e.message}" if isinstance(e, ConfigError) else str(e)
+    msg = f"{_label(command, e.field)}: {e.message}" if isinstance(e, ConfigError) else str(e)
     print(f"minorsft {command}: error: {msg}", file=sys.stderr)
     return status
 
@@ -62,12 +93,49 @@ def _preempted(cfg, signame: str, checkpoint) -> int:
     return EXIT_PREEMPTED
 
 
+def _pipeline(command: str, cfg) -> int:
+    """``select`` / ``spin`` / ``recipe``: run, print the result's summary line (JSON)."""
+    from minorsft.train import run_recipe, select, spin
+    from minorsft.train.metrics import NonFiniteError
+    from minorsft.train.preempt import EXIT_PREEMPTED, Preempted
+    try:
+        if command == "select":
+            res = select(cfg)
+            summary = {k: res[k] for k in ("rows", "kept", "out", "scores", "finetuned")}
+        elif command == "spin":
+            res = spin(cfg)
+            summary = {"model": res["model"], "rounds": [r["model"] for r in res["rounds"]]}
+        else:
+            check_fields(cfg)
+            res = run_recipe(cfg.file, dry_run=cfg.dry_run)
+            if cfg.dry_run:
+                return 0
+            summary = {"out_dir": res["out_dir"], "stages": {s["name"]: s["outputs"] for s in res["stages"]}}
+    except ValueError as e:   # config, recipe, bad rows, a stage's refusal
+        return _error(command, e)
+    except NonFiniteError as e:
+        return _error(command, e, EXIT_NONFINITE)
+    except Preempted as e:
+        print(f"minorsft {command}: {e.signame}: stopped; run the same command again to continue "
+              f"(finished parts are skipped, the interrupted training resumes from its last "
+              f"checkpoint)", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:   # Ctrl-C outside a training run (loading, scoring, generating)
+        print(f"minorsft {command}: interrupted; run the same command again to continue (finished "
+              f"parts are skipped)", file=sys.stderr)
+        return 130
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from minorsft.demo import run_demo
         run_demo(out_dir=args.out_dir, seed=args.seed)
         return 0
+    if args.command != "train":
+        return _pipeline(args.command, config_from_args(args, config_class(args.command)))
     from minorsft.train import train
     from minorsft.train.metrics import NonFiniteError
     from minorsft.train.preempt import Preempted

@@ -64,11 +64,13 @@ def fsync_tree(root: str) -> None:
         fsync_dir(dirpath)
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` durably: a temporary file, fsynced, renamed over
-    ``path``, then the parent directory fsynced (readers see the old or the new text)."""
+def atomic_write(path: str, text) -> None:
+    """Write ``text`` (a str, as UTF-8, or bytes, as they are) to ``path`` durably: a
+    temporary file, fsynced, renamed over ``path``, then the parent directory fsynced
+    (readers see the old or the new text)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    binary = isinstance(text, bytes)
+    with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -273,7 +275,7 @@ def save_checkpoint(out_dir: str, dist, unwrapped, tokenizer, optimizer, schedul
              "data_fingerprint": data_fingerprint, **(extra or {}), "config": config}, indent=1))
         write_manifest(tmp)   # last: a folder with a manifest that verifies is complete
         fsync_tree(tmp)  # every byte on disk before any name points at it
-        _move_into_place(tmp, final)
+        move_into_place(tmp, final)
         atomic_write(os.path.join(out_dir, "latest"), name)
         if keep_last:
             prune_checkpoints(out_dir, keep_last)
@@ -281,7 +283,7 @@ def save_checkpoint(out_dir: str, dist, unwrapped, tokenizer, optimizer, schedul
     return final
 
 
-def _move_into_place(tmp: str, final: str) -> None:
+def move_into_place(tmp: str, final: str) -> None:
     """Rename the finished ``tmp`` folder to ``final`` (an older ``final`` is swapped out,
     then removed) and fsync the parent."""
     out_dir, name = os.path.split(final)

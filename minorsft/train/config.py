@@ -116,14 +116,26 @@ def loss_option(name: str) -> Callable:
 
 
 def option(default, help: str, *, group: str, check: Optional[Callable] = None, choices=None,
-           resume=False, type=None):
-    """A :class:`TrainConfig` field: ``default`` plus what the parser, the validation and
-    the resume check need (``type``: the CLI value type when ``default`` is None).
-    ``resume``: ``True`` when it changes the trajectory (a resume must match the
-    checkpoint), ``"extend"`` for the run's length (a resume may change it, but not end
-    before the checkpoint's step), ``False`` otherwise."""
+           resume=False, type=None, required=False, positional=False, cli=True):
+    """A config field (:class:`TrainConfig`, and the other commands' configs): ``default``
+    plus what the parser, the validation and the resume check need (``type``: the CLI value
+    type when ``default`` is None). ``resume``: ``True`` when it changes the trajectory (a
+    resume must match the checkpoint), ``"extend"`` for the run's length (a resume may
+    change it, but not end before the checkpoint's step), ``False`` otherwise.
+    ``required``: None is refused (the default stays None so that a missing value is one
+    clear error, not a TypeError). ``positional``: a positional CLI argument (``FILE``).
+    ``cli=False``: no flag (a field another command sets itself)."""
     return field(default=default, metadata=dict(help=help, group=group, check=check,
-                                                 choices=choices, resume=resume, type=type))
+                                                 choices=choices, resume=resume, type=type,
+                                                 required=required, positional=positional, cli=cli))
+
+
+def same_as(cls, name: str, **changes):
+    """The field ``name`` of the config class ``cls`` (its default, help, checks), declared
+    there once and reused by another command's config; ``changes`` replace metadata
+    entries (e.g. ``group=``)."""
+    f = cls.__dataclass_fields__[name]
+    return field(default=f.default, metadata={**f.metadata, **changes})
 
 
 def _loss_field(name: str, *, choices=None):
@@ -263,10 +275,18 @@ def resume_fields() -> tuple:
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] is True)
 
 
-def _check_fields(cfg: TrainConfig) -> None:
+def check_fields(cfg, pending=()) -> None:
+    """Every field's own check (choices, check function, required) on any config
+    dataclass; :class:`ConfigError` naming the first field that fails. ``pending``: fields
+    whose values another step produces before they are used (a recipe's earlier stage):
+    their value checks are skipped."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
+        if f.name in pending:
+            continue
         if value is None:
+            if meta["required"]:
+                raise ConfigError(f.name, "is required")
             continue
         try:
             if meta["choices"] is not None and value not in meta["choices"]:
@@ -277,9 +297,10 @@ def _check_fields(cfg: TrainConfig) -> None:
             raise ConfigError(f.name, str(e)) from None
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """Refuse a bad configuration before any work starts (:class:`ConfigError`)."""
-    _check_fields(cfg)
+def validate_config(cfg: TrainConfig, pending=()) -> None:
+    """Refuse a bad configuration before any work starts (:class:`ConfigError`).
+    ``pending``: as for :func:`check_fields`."""
+    check_fields(cfg, pending)
     if cfg.max_length < 2:
         raise ConfigError("max_length", f"must be >= 2, got {cfg.max_length}")
     spec = ms.LOSSES[cfg.loss]
@@ -318,20 +339,27 @@ def flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One flag per field of ``cls``, in its CLI group, with its default and help."""
+    """One flag per field of ``cls`` (``cli=False`` fields: none; ``positional`` ones: a
+    positional argument), in its CLI group, with its default (or "required") and help."""
     groups = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
+        if not meta["cli"]:
+            continue
         group = groups.get(meta["group"]) or groups.setdefault(
             meta["group"], parser.add_argument_group(meta["group"]))
-        kw = dict(dest=f.name, default=f.default, help=f"{meta['help']} (default: %(default)s)")
+        note = "required" if meta["required"] else "default: %(default)s"
+        kw = dict(default=f.default, help=f"{meta['help']} ({note})")
         if isinstance(f.default, bool):
-            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, dest=f.name, **kw)
             continue
         kw["type"] = meta["type"] or type(f.default)
         if meta["choices"] is not None:
             kw["choices"] = meta["choices"]
-        group.add_argument(flag(f.name), **kw)
+        if meta["positional"]:
+            group.add_argument(f.name, metavar=f.name.upper(), **kw)
+        else:
+            group.add_argument(flag(f.name), dest=f.name, **kw)
 
 
 def config_to_argv(cfg) -> list:

@@ -45,7 +45,8 @@ class DataError(ValueError):
 class Example:
     """One tokenised example. ``input_ids`` / ``labels``: lists of ints (one sequence for
     SFT; for pairs ``chosen_*`` and ``rejected_*``). ``index`` is the position in the dataset;
-    ``prompt`` / ``answer`` are kept for exact-match evaluation when the row has them."""
+    ``prompt`` / ``answer`` are kept for exact-match evaluation when the row has them.
+    ``line``: the row's line in its JSONL file (its row number in a ``datasets`` folder)."""
 
     index: int
     input_ids: list = field(default_factory=list)
@@ -54,6 +55,7 @@ class Example:
     rejected_labels: list | None = None
     prompt_ids: list | None = None
     answer: str | None = None
+    line: int | None = None
 
 
 @dataclass
@@ -362,7 +364,7 @@ def load_dataset(path: str, tokenizer, *, max_length: int, kind: str | None = No
                 what = "is missing" if kind == "pairs" else "is not expected"
                 raise DataError(f"{where}: field 'chosen' {what}: a {this} row in a {kind} dataset "
                                 f"(fields {sorted(row)})")
-            ex = Example(index=len(examples))
+            ex = Example(index=len(examples), line=lineno)
             if rk == "pairs":
                 ex.input_ids, ex.labels, ex.rejected_input_ids, ex.rejected_labels, ex.prompt_ids = \
                     encode_pair_row(row, tokenizer, max_length, where)

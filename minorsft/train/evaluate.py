@@ -68,7 +68,7 @@ def evaluate(setup: LossSetup, model, dataset, *, batch_size: int, pad_id: int, 
     return out
 
 
-def _left_padded(prompts, pad: int):
+def left_padded(prompts, pad: int):
     """``(ids, mask)`` ``[B, L]`` with each prompt right-aligned (batched generation)."""
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)
@@ -92,7 +92,7 @@ def exact_match(model, dataset, tokenizer, *, device, batch_size=32, limit=None)
     correct = 0
     for start in range(0, len(exs), batch_size):
         chunk = exs[start: start + batch_size]
-        ids, mask = _left_padded([e.prompt_ids for e in chunk], pad)
+        ids, mask = left_padded([e.prompt_ids for e in chunk], pad)
         new = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in chunk) + 1
         out = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=new, do_sample=False, pad_token_id=pad, use_cache=True,

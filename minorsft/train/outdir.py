@@ -58,15 +58,15 @@ def previous_run(out_dir: str):
     return "; ".join(found) or None
 
 
-def _writable(folder: str) -> None:
+def check_writable(folder: str, field_name: str = "out_dir") -> None:
     """Create and remove a probe file in ``folder`` (``os.access`` says yes to root on a
-    read-only mount); ConfigError ``out_dir`` when it cannot."""
+    read-only mount); ConfigError ``field_name`` when it cannot."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ConfigError("out_dir", f"{folder} is not writable ({e.strerror})") from None
+        raise ConfigError(field_name, f"{folder} is not writable ({e.strerror})") from None
 
 
 def check_out_dir(out_dir: str, *, resume, overwrite: bool) -> None:
@@ -80,7 +80,7 @@ def check_out_dir(out_dir: str, *, resume, overwrite: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ConfigError("out_dir", f"cannot create {out_dir}: {parent} is a file")
-    _writable(parent)
+    check_writable(parent)
     if overwrite and resume is not None:
         raise ConfigError("overwrite", "cannot be combined with --resume (it moves the checkpoints "
                                        "that --resume would continue from aside)")
