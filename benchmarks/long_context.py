@@ -158,22 +158,24 @@ def loss_from_hidden(method: str, hidden, weight, labels, ref_lp, budget: Option
 
 
 def train_step(method: str, model, opt, input_ids, ref_lp, budget: Optional[int]):
-    """One MinorSFT step on ``input_ids [1, T]`` (labels = inputs, shifted)."""
+    """One MinorSFT step on ``input_ids [1, T]`` (labels = inputs, shifted): ours with
+    ``shift=True`` (no slice of the logits or hidden states), eager sliced as users write it."""
     import minorsft as ms
+    from minorsft import linear as ML
 
     opt.zero_grad(set_to_none=True)
-    labels = input_ids[:, 1:]
     if method == "linear":
         hidden = model.model(input_ids=input_ids).last_hidden_state
-        loss = loss_from_hidden("linear", hidden[:, :-1], model.lm_head.weight, labels, ref_lp,
-                                budget)
+        loss = ML.linear_minor_sft_loss(hidden, model.lm_head.weight, input_ids, ref_logprobs=ref_lp,
+                                        beta=BETA, check_labels=False, memory_budget=budget,
+                                        shift=True)
     else:
         logits = model(input_ids=input_ids).logits
         if method == "logits":
-            loss = ms.minor_sft_loss(logits[:, :-1], labels, ref_logprobs=ref_lp, beta=BETA,
-                                     check_labels=False)
+            loss = ms.minor_sft_loss(logits, input_ids, ref_logprobs=ref_lp, beta=BETA,
+                                     check_labels=False, shift=True)
         else:
-            loss = eager.minor_sft_loss(logits[:, :-1], labels, ref_logprobs=ref_lp, beta=BETA)
+            loss = eager.minor_sft_loss(logits[:, :-1], input_ids[:, 1:], ref_logprobs=ref_lp, beta=BETA)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -187,8 +189,8 @@ def reference_logprobs(model, input_ids, budget: Optional[int]) -> torch.Tensor:
     from minorsft import linear as ML
 
     hidden = model.model(input_ids=input_ids).last_hidden_state
-    return ML.linear_token_logprobs(hidden[:, :-1], model.lm_head.weight, input_ids[:, 1:],
-                                    check_labels=False, memory_budget=budget)
+    return ML.linear_token_logprobs(hidden, model.lm_head.weight, input_ids, check_labels=False,
+                                    memory_budget=budget, shift=True)
 
 
 # --------------------------------------------------------------------------- search
