@@ -77,8 +77,10 @@ class Rows:
     """The scored rows that carry a label, compacted, in sequence order.
 
     ``h`` ``[n, H]`` hidden rows in the compute dtype, ``y`` ``[n]`` labels, ``b`` / ``t``
-    ``[n]`` their positions, ``seq`` the sequences in row order (host list; for pairs
-    ``[0, P, 1, P + 1, ...]``) with ``counts`` rows each (host list).
+    ``[n]`` their positions (``b`` is also each row's sequence), ``seq`` the sequences in
+    row order (host list; for pairs ``[0, P, 1, P + 1, ...]``) with ``counts`` rows each
+    (host list), ``seq_ids`` the same sequences on the device (chunks index it by slices:
+    no host-to-device copy, so no synchronisation, per chunk).
     """
 
     h: torch.Tensor
@@ -87,6 +89,7 @@ class Rows:
     t: torch.Tensor
     seq: List[int]
     counts: List[int]
+    seq_ids: torch.Tensor
 
     @property
     def n(self) -> int:
@@ -104,8 +107,9 @@ def compact(hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, sh
             pairs: bool, dtype: torch.dtype) -> Rows:
     """The :class:`Rows` of ``hidden [B, T, H]`` (any strides) scored against ``labels``.
 
-    One host read (the scored rows per sequence). ``pairs``: order the sequences ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair
-    are adjacent (chunks of whole pairs are then contiguous).
+    One host read (the scored rows per sequence). ``pairs``: order the sequences
+    ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair are adjacent (chunks of whole
+    pairs are then contiguous).
     """
     lab = scored_labels(labels, shift)
     B, Tp = lab.shape
@@ -119,7 +123,7 @@ def compact(hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, sh
     t = flat % max(Tp, 1)
     h = hidden[b, t]
     return Rows(h=h if h.dtype == dtype else h.to(dtype), y=lab[b, t].long(), b=b, t=t,
-                seq=order, counts=counts)
+                seq=order, counts=counts, seq_ids=perm)
 
 
 def token_chunks(n: int, rows: int) -> List[Tuple[int, int]]:
@@ -355,8 +359,8 @@ def linear_loss(
 
     Args:
         coefficients: the loss's chunk coefficients (``minorsft.losses.Coefficients``):
-            ``coefficients(seqs, S) -> (dL/dS [k], loss part [])`` for the sequences
-            ``seqs`` (a host list; whole pairs) whose log-prob sums are ``S``; for a
+            ``coefficients(ids, S) -> (dL/dS [k], loss part [])`` for the sequences
+            ``ids [k]`` (a device tensor; whole pairs) whose log-prob sums are ``S``; for a
             token-level loss (``coefficients.token_level``) ``coefficients(None, sum of
             the chunk's log-probs) -> (dL/dlp, loss part)``.
         pairs: the loss compares pairs ``(k, P + k)``: chunks hold whole pairs.
@@ -378,8 +382,7 @@ def linear_loss(
         if chunks is None:   # a sequence larger than the budget: statistics first, then gradients
             return _loss_two_passes(rows, setup, per_chunk, grads, lp, coefficients, bad_labels)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    seq_of_row = torch.repeat_interleave(torch.tensor(rows.seq, device=hidden.device),
-                                         torch.tensor(rows.counts, device=hidden.device))
+    s0 = 0
     for r0, r1, seqs in chunks:
         z = setup.logits(rows.h[r0:r1])
         lp_c, lse_c = setup.stats(z, rows.y[r0:r1], bad_labels)
@@ -388,18 +391,21 @@ def linear_loss(
             coef, part = coefficients(None, lp_c.sum())
             g = coef.float().expand(r1 - r0)
         else:
-            dS, part = coefficients(seqs, lp[seqs].sum(-1))
-            g = _per_row(dS, seqs, seq_of_row[r0:r1], lp.shape[0])
+            ids = rows.seq_ids[s0: s0 + len(seqs)]
+            s0 += len(seqs)
+            dS, part = coefficients(ids, lp[ids].sum(-1))
+            g = _per_row(dS, ids, rows.b[r0:r1], lp.shape[0])
         loss += part
         G = setup.grad_in_place(z, rows.y[r0:r1], lse_c, g)
         grads.add(G, setup.weight, rows.h[r0:r1], rows.b[r0:r1], rows.t[r0:r1])
     return (loss, lp.sum(-1), *grads.result())
 
 
-def _per_row(dS: torch.Tensor, seqs: List[int], seq_of_row: torch.Tensor, B: int) -> torch.Tensor:
-    """The coefficient of each row: its sequence's ``dL/dS``."""
+def _per_row(dS: torch.Tensor, ids: torch.Tensor, seq_of_row: torch.Tensor, B: int) -> torch.Tensor:
+    """The coefficient of each row: its sequence's ``dL/dS`` (``dS [k]`` for the sequences
+    ``ids [k]``; ``seq_of_row [r]`` the rows' sequences)."""
     by_seq = torch.zeros(B, dtype=torch.float32, device=dS.device)
-    by_seq[torch.tensor(seqs, device=dS.device)] = dS.float()
+    by_seq[ids] = dS.float()
     return by_seq[seq_of_row]
 
 
@@ -411,10 +417,8 @@ def _loss_two_passes(rows: Rows, setup: Setup, per_chunk: int, grads: Grads, lp,
     for r0, r1 in token_chunks(rows.n, per_chunk):
         lp_c, lse_rows[r0:r1] = setup.stats(setup.logits(rows.h[r0:r1]), rows.y[r0:r1], bad_labels)
         lp[rows.b[r0:r1], rows.t[r0:r1]] = lp_c
-    dS, loss = coefficients(rows.seq, lp[rows.seq].sum(-1))
-    seq_of_row = torch.repeat_interleave(torch.tensor(rows.seq, device=rows.h.device),
-                                         torch.tensor(rows.counts, device=rows.h.device))
-    g = _per_row(dS, rows.seq, seq_of_row, lp.shape[0])
+    dS, loss = coefficients(rows.seq_ids, lp[rows.seq_ids].sum(-1))
+    g = _per_row(dS, rows.seq_ids, rows.b, lp.shape[0])
     for r0, r1 in token_chunks(rows.n, per_chunk):
         G = setup.grad_in_place(setup.logits(rows.h[r0:r1]), rows.y[r0:r1], lse_rows[r0:r1], g[r0:r1])
         grads.add(G, setup.weight, rows.h[r0:r1], rows.b[r0:r1], rows.t[r0:r1])

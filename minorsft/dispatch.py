@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
 from minorsft import losses
@@ -66,19 +65,16 @@ def _gradient_in_forward(loss, inputs, opts, ref_logprobs, reduction, num_items,
     """A scalar loss by the path's gradient-in-forward op, with the same value, metrics and
     gradients as the per-token route: the reference reduced to per-sequence sums first."""
     spec = losses.get_loss(loss)
-    if num_items is not None and not spec.token_level:
-        raise ValueError(f"num_items_in_batch: only the 'sft' loss takes a token count, got loss={loss!r}")
+    losses.check_num_items(loss, num_items)
     mask = inputs.labels != inputs.ignore_index
     ref_seq = None
     if spec.reference:
         ref_tok = inputs.reference_logprobs() if inputs.has_ref else (
             ref_logprobs if ref_logprobs.dim() == 2 else None)
-        ref_seq = (torch.where(mask, ref_tok.detach().float(), 0.0).sum(-1) if ref_tok is not None
-                   else ref_logprobs.detach().float())
+        ref_seq = losses.reference_sums(mask, ref_tok, ref_logprobs)
     value, S = inputs.fused_loss(loss, opts, reduction, num_items, ref_seq)
     if not return_metrics:
         return value
     if spec.metric_fn is None:
         return value, {}
-    m = mask.sum(-1)
-    return value, spec.metric_fn(losses.SequenceStats(S, ref_seq, m, m > 0), **opts)
+    return value, spec.metric_fn(losses.sequence_stats(S, mask, ref_seq), **opts)

@@ -357,16 +357,27 @@ def check_options(loss: str, options: Mapping[str, object]) -> Dict[str, object]
 
 # ----------------------------------------------------------------------- the shared epilogue
 
-def sequence_stats(logps: Tensor, mask: Tensor, ref_token_logps: Optional[Tensor],
-                   ref_seq_logps: Optional[Tensor]) -> SequenceStats:
-    """:class:`SequenceStats` from ``[B, T]`` token log-probs and one form of the reference."""
+def check_num_items(loss: str, num_items_in_batch) -> None:
+    """``num_items_in_batch`` is a token count: only token-level losses take one."""
+    if num_items_in_batch is not None and not get_loss(loss).token_level:
+        raise ValueError(f"num_items_in_batch: only the 'sft' loss takes a token count, got loss={loss!r}")
+
+
+def reference_sums(mask: Tensor, ref_token_logps: Optional[Tensor],
+                   ref_seq_logps: Optional[Tensor]) -> Tensor:
+    """The ``[B]`` fp32 reference sums ``S_ref``, detached, from either form of the reference:
+    ``[B, T]`` token log-probs summed over the ``[B, T]`` ``mask``, or ``[B]`` sums as given."""
     if ref_token_logps is not None:
         ref = ref_token_logps.detach().float()
-        S_ref = torch.where(mask, ref, torch.zeros_like(ref)).sum(-1)
-    else:
-        S_ref = ref_seq_logps.detach().float()
+        return torch.where(mask, ref, torch.zeros_like(ref)).sum(-1)
+    return ref_seq_logps.detach().float()
+
+
+def sequence_stats(S: Tensor, mask: Tensor, S_ref: Tensor) -> SequenceStats:
+    """:class:`SequenceStats` from ``[B]`` sequence sums ``S`` and ``S_ref`` and the ``[B, T]``
+    label mask (which gives the token counts)."""
     m = mask.sum(-1)
-    return SequenceStats(S=logps.sum(-1), S_ref=S_ref, m=m, valid=m > 0)
+    return SequenceStats(S=S, S_ref=S_ref, m=m, valid=m > 0)
 
 
 def _sft(logps: Tensor, mask: Tensor, reduction: str, num_items_in_batch) -> Tensor:
@@ -414,11 +425,10 @@ def loss_from_token_logprobs(
     if spec.token_level:
         out = _sft(logps, mask, reduction, num_items_in_batch)
         return (out, {}) if return_metrics else out
-    if num_items_in_batch is not None:
-        raise ValueError(f"num_items_in_batch: only the 'sft' loss takes a token count, got loss={loss!r}")
+    check_num_items(loss, num_items_in_batch)
     if spec.pairs:
         V.check_pairs(logps.shape[0])
-    stats = sequence_stats(logps, mask, ref_token_logps, ref_seq_logps)
+    stats = sequence_stats(logps.sum(-1), mask, reference_sums(mask, ref_token_logps, ref_seq_logps))
     per, valid = spec.per_item(stats, **opts)
     out = reduce(per, valid, reduction)
     return (out, spec.metric_fn(stats, **opts)) if return_metrics else out
@@ -428,8 +438,8 @@ class Coefficients:
     """A scalar loss's gradient coefficients for part of its batch, for the fused linear
     path, which forms the gradient chunk by chunk in the forward.
 
-    ``coefficients(seqs, S) -> (dL/dS [k], loss part [])``: ``seqs`` a host list of
-    sequence indices (whole pairs for a pair loss), ``S`` their log-prob sums; the parts
+    ``coefficients(ids, S) -> (dL/dS [k], loss part [])``: ``ids`` a ``[k]`` device tensor
+    of sequence indices (whole pairs for a pair loss), ``S`` their log-prob sums; the parts
     of all chunks sum to the loss, and ``dL/dS`` is the per-sequence coefficient that the
     chunk's gradient needs (the closed forms of :data:`LOSSES` ``item_grad``: this runs
     inside a custom op, where autograd is off; the tests hold them to autograd). The
@@ -460,15 +470,15 @@ class Coefficients:
         items = (self.valid[: self.P] & self.valid[self.P:]) if self.spec.pairs else self.valid
         self.denom = items.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else 1.0
 
-    def __call__(self, seqs, S: Tensor):
+    def __call__(self, ids: Optional[Tensor], S: Tensor):
         if self.token_level:
             return self.scale, self.scale * S
-        order = sorted(range(len(seqs)), key=lambda i: (seqs[i] >= self.P, seqs[i])) \
-            if self.spec.pairs else list(range(len(seqs)))
-        pos = torch.tensor(order, device=S.device)
-        idx = torch.tensor([seqs[i] for i in order], device=S.device)
-        valid = self.valid[idx]
-        stats = SequenceStats(S.detach().float()[pos], self.S_ref[idx].float(), self.m[idx], valid)
+        # pairs: chosen (k < P) before rejected (P + k), each ascending, so item i pairs
+        # chosen i with rejected i; on the device: no host round trip per chunk
+        pos = torch.argsort(ids) if self.spec.pairs else torch.arange(ids.shape[0], device=ids.device)
+        idx = ids[pos]
+        stats = SequenceStats(S.detach().float()[pos], self.S_ref[idx].float(), self.m[idx],
+                              self.valid[idx])
         per, ok = self.spec.per_item(stats, **self.opts)
         part = torch.where(ok, per, torch.zeros_like(per)).sum() / self.denom
         ok_seq = ok.repeat(2) if self.spec.pairs else ok   # an item's gradient reaches its sequences

@@ -1,10 +1,12 @@
 """The autograd layer: ``torch.library`` custom ops of both paths and the backend choice.
 
 ``minorsft::token_logprobs`` (logits path) and ``minorsft::linear_token_logprobs`` (fused
-linear path) are the only ops every loss goes through. Each is registered with
+linear path) give per-token log-probs; ``minorsft::linear_loss`` is the fused linear
+path's scalar loss with its gradients formed in the forward. Each is registered with
 ``torch.library.custom_op`` plus a fake (meta) implementation and ``register_autograd``,
-so ``torch.compile(fullgraph=True)`` traces it as one opaque node and CUDA graphs
-capture it. Each backward is a second op that recomputes the softmax from the saved
+so ``torch.compile(fullgraph=True)`` traces it as one opaque node (the logits path's ops
+are also CUDA-graph capturable; the linear ops read row counts on the host). The
+per-token backwards are second ops that recompute the softmax from the saved
 logsumexp; the logits path's in-place twin (opt-in) writes the gradient into the logits
 buffer.
 

@@ -9,6 +9,7 @@ def test_compact_drops_unlabelled_rows_and_puts_pairs_side_by_side():
     hidden = torch.arange(4 * 4 * 2, dtype=torch.float32).view(4, 4, 2)
     rows = L.compact(hidden, labels, ignore_index=-100, shift=False, pairs=True, dtype=torch.float32)
     assert rows.seq == [0, 2, 1, 3] and rows.counts == [2, 1, 2, 4]
+    assert rows.seq_ids.tolist() == rows.seq and torch.equal(rows.b.unique_consecutive(), rows.seq_ids)
     assert rows.y.tolist() == [5, 6, 1, 7, 8, 2, 3, 4, 9]
     assert torch.equal(rows.h, hidden[rows.b, rows.t])
     shifted = L.compact(hidden, labels, ignore_index=-100, shift=True, pairs=False, dtype=torch.float32)
@@ -19,7 +20,8 @@ def test_compact_drops_unlabelled_rows_and_puts_pairs_side_by_side():
 
 def test_sequence_chunks_hold_whole_sequences_and_pairs():
     rows = L.Rows(h=torch.zeros(10, 1), y=torch.zeros(10, dtype=torch.long), b=torch.zeros(10),
-                  t=torch.zeros(10), seq=[0, 2, 1, 3], counts=[3, 2, 4, 1])
+                  t=torch.zeros(10), seq=[0, 2, 1, 3], counts=[3, 2, 4, 1],
+                  seq_ids=torch.tensor([0, 2, 1, 3]))
     assert L.sequence_chunks(rows, 5, pairs=False) == [(0, 5, [0, 2]), (5, 10, [1, 3])]
     assert L.sequence_chunks(rows, 5, pairs=True) == [(0, 5, [0, 2]), (5, 10, [1, 3])]
     assert L.sequence_chunks(rows, 6, pairs=False) == [(0, 5, [0, 2]), (5, 10, [1, 3])]
