@@ -28,7 +28,7 @@ from torch import Tensor
 
 from minorsft import validation as V
 from minorsft.dispatch import run_loss
-from minorsft.losses import LossOut
+from minorsft.losses import OPTIONS, LossOut
 from minorsft.ops import select_backend
 
 
@@ -106,7 +106,7 @@ class LinearInputs:
         need = [x is not None and x.requires_grad for x in self.policy]
         if num_items is not None and not isinstance(num_items, Tensor):
             num_items = torch.tensor(float(num_items), device=self.device)
-        opts = dict(beta=0.1, length_norm="outside", loss_type="sigmoid", label_smoothing=0.0)
+        opts = {name: opt.default for name, opt in OPTIONS.items()}   # the op takes every option
         opts.update(options)
         out = torch.ops.minorsft.linear_loss(
             hidden, weight, bias, self.all_labels, ref_seq, num_items, loss, float(opts["beta"]),

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from minorsft.kernels.common import scored_labels
+from minorsft.kernels.common import interpreting, scored_labels
 from minorsft.label_errors import label_flag
 
 log = logging.getLogger("minorsft")
@@ -42,10 +41,6 @@ def triton_available() -> bool:
     except Exception:  # pragma: no cover - depends on the install
         return False
     return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def select_backend(backend: Optional[str], device: torch.device) -> str:
@@ -64,11 +59,11 @@ def select_backend(backend: Optional[str], device: torch.device) -> str:
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' was requested but triton is not installed")
-        if not (on_cuda or _interpreting()):
+        if not (on_cuda or interpreting()):
             raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1; "
                              f"the tensors are on {device}")
         return "triton"
-    if (on_cuda or _interpreting()) and triton_available():
+    if (on_cuda or interpreting()) and triton_available():
         return "triton"
     if on_cuda and "no-triton" not in _warned:
         _warned.add("no-triton")
