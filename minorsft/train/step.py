@@ -178,14 +178,14 @@ def compute_loss(setup: LossSetup, model, batch: dict, *, ref_model=None, ref_lo
     if setup.spec.token_level:
         ref_kw = {k: v for k, v in kw.items() if k.startswith("ref_")}
         kw = {k: v for k, v in kw.items() if not k.startswith("ref_")}
+        sft = dict(reduction="mean" if reduction == "sum" else reduction, num_items_in_batch=num_items)
+        if not ref_kw and ref_logps is None:
+            # the library's own call: on the fused linear path its gradient-in-forward plan
+            return call(setup.loss, *tensors, labels, **sft, **kw, **common), {}
+        # the deviation metric needs the per-token log-probs themselves
         lp = _token_fn(setup)(*tensors, labels, **kw, **common)
-        loss = ms.loss_from_token_logprobs(setup.loss, lp, labels[:, 1:] != D.IGNORE_INDEX,
-                                           reduction="mean" if reduction == "sum" else reduction,
-                                           num_items_in_batch=num_items)
-        metrics = {}
-        if ref_kw or ref_logps is not None:
-            metrics["deviation"] = _deviation(setup, ref_kw, labels, lp, ref_logps)
-        return loss, metrics
+        loss = ms.loss_from_token_logprobs(setup.loss, lp, labels[:, 1:] != D.IGNORE_INDEX, **sft)
+        return loss, {"deviation": _deviation(setup, ref_kw, labels, lp, ref_logps)}
     loss, m = call(setup.loss, *tensors, labels, ref_logprobs=ref_logps, reduction=reduction,
                    return_metrics=True, **kw, **setup.options, **common)
     if denom is not None:
