@@ -268,6 +268,13 @@ def _check_trl_hook(base) -> None:
         raise _trl_mismatch(f"has DPOTrainer.{_TRL_HOOK}{inspect.signature(hook)}")
 
 
+def _last_positions(logits: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The last ``seq_len`` positions of ``[B, T, V]`` logits (prompt-learning PEFT prepends
+    virtual tokens). ``logits`` itself when ``T == seq_len``: a slice, even a full one,
+    would make autograd allocate a second ``[B, T, V]`` buffer for its gradient."""
+    return logits if logits.shape[1] == seq_len else logits[:, -seq_len:]
+
+
 class _FusedDPOMixin:
     """TRL ``DPOTrainer`` whose loss is minorsft's fused ``minor_dpo`` (default) or ``dpo``.
 
@@ -343,7 +350,7 @@ class _FusedDPOMixin:
         seq_len = labels.shape[1]
         # Without fused_lm_head=True TRL's patched forward is the model's own: it returns logits.
         outputs = model(**model_kwargs)
-        logits = outputs.logits[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+        logits = _last_positions(outputs.logits, seq_len)
 
         ref_logits = ref_logprobs = None
         if self.precompute_ref_logps:
@@ -351,7 +358,7 @@ class _FusedDPOMixin:
         elif self.ref_model is not None:
             ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
             with torch.no_grad():
-                ref_logits = self.ref_model(**ref_kwargs).logits[:, -seq_len:]
+                ref_logits = _last_positions(self.ref_model(**ref_kwargs).logits, seq_len)
         else:  # PEFT without a ref_model: TRL switches the adapter off for the reference
             ref_logprobs = torch.cat(self.compute_ref_log_probs(model, inputs))
 

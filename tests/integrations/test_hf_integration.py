@@ -351,3 +351,14 @@ def test_dpo_batches_are_never_split_by_rows_across_processes(split, dispatch, i
         hf.FusedLossTrainer._refuse_row_splitting(fake)
     fake.accelerator.num_processes = 1
     hf.FusedLossTrainer._refuse_row_splitting(fake)   # one process: nothing to split
+
+
+def test_trl_logits_are_not_sliced_when_nothing_is_prepended():
+    """The TRL hook keeps the model's logits as they are when no virtual tokens were
+    prepended: a slice (even a full one) gives a SliceBackward that allocates a second
+    [B, T, V] gradient buffer; with prepended tokens it keeps the last positions."""
+    logits = torch.randn(2, 5, 7).requires_grad_(True)
+    assert hf._last_positions(logits, 5) is logits
+    assert type(logits[:, -5:].grad_fn).__name__ == "SliceBackward0"   # what it avoids
+    tail = hf._last_positions(logits, 3)
+    assert tail.shape == (2, 3, 7) and torch.equal(tail, logits[:, 2:])
