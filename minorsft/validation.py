@@ -64,12 +64,17 @@ def check_beta(beta) -> float:
     return check_positive("beta", beta)
 
 
+def _check_float_tensor(name: str, x) -> None:
+    """``x`` must be a tensor of a dtype the kernels read (bf16/fp16/fp32)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be one of bfloat16/float16/float32, got {x.dtype}")
+
+
 def check_logits(name: str, logits) -> None:
     """``logits`` must be a floating ``[B, T, V]`` tensor (any strides)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype must be one of bfloat16/float16/float32, got {logits.dtype}")
+    _check_float_tensor(name, logits)
     if logits.dim() != 3:
         raise ValueError(f"{name}: expected shape [B, T, V], got {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
@@ -101,11 +106,8 @@ def check_linear(prefix: str, hidden, weight, bias, batch_shape=None) -> None:
     hidden states (an fp32 lm_head under autocast: the math runs in the activations'
     dtype)."""
     h, w, c = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
-    for name, x in ((h, hidden), (w, weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype must be one of bfloat16/float16/float32, got {x.dtype}")
+    _check_float_tensor(h, hidden)
+    _check_float_tensor(w, weight)
     if hidden.dim() != 3:
         raise ValueError(f"{h}: expected shape [B, T, H], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[0] == 0:
