@@ -66,6 +66,13 @@ def positive_float(value) -> None:
         raise ValueError(f"must be a positive number, got {value!r}")
 
 
+def unit_interval(value) -> None:
+    """A fraction or probability in ``(0, 1]``."""
+    positive_float(value)
+    if value > 1:
+        raise ValueError(f"must be in (0, 1], got {value!r}")
+
+
 def nonneg_float(value) -> None:
     _number(value, False)
     if value < 0:

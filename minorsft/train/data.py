@@ -27,6 +27,7 @@ file, line and field, or is skipped and counted with ``skip_bad_rows=True``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,8 +72,9 @@ class TokenizedDataset:
     def __len__(self):
         return len(self.examples)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
+        """Computed once: the examples never change after loading (it is read at every save)."""
         h = hashlib.sha256(self.kind.encode())
         for ex in self.examples:
             for seq in (ex.input_ids, ex.labels, ex.rejected_input_ids or [], ex.rejected_labels or []):

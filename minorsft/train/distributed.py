@@ -6,7 +6,7 @@ creates) the process group; a plain ``python`` run is one rank and touches nothi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -22,6 +22,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    host_group: object = field(default=None, repr=False)   # gloo group for host-side flags
 
     @property
     def main(self) -> bool:
@@ -38,6 +39,18 @@ class Dist:
             return bool(flag)
         t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1).clone()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def any_host(self, flag: bool) -> bool:
+        """Whether a host-side ``flag`` is true on any rank, agreed over a CPU (gloo) group:
+        no device work, so unlike :meth:`any` it never waits for the device's queue. Every
+        rank must call it at the same point (the group is created on the first call)."""
+        if self.world <= 1:
+            return bool(flag)
+        if self.host_group is None:
+            self.host_group = torch.distributed.new_group(backend="gloo")
+        t = torch.tensor([float(bool(flag))])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
 
     def share(self, fn: Callable):

@@ -33,18 +33,11 @@ from minorsft.train import data as D
 from minorsft.train import reference as R
 from minorsft.train.checkpoint import atomic_write
 from minorsft.train.config import (ConfigError, TrainConfig, check_fields, model_path, option,
-                                   positive_float, positive_int, same_as, validate_config)
+                                   positive_int, same_as, unit_interval, validate_config)
 from minorsft.train.distributed import Dist, select_device
-from minorsft.train.loop import load_model_and_tokenizer, load_tokenizer
-from minorsft.train.outdir import check_writable
+from minorsft.train.loop import load_model, load_tokenizer
+from minorsft.train.outdir import check_creatable
 from minorsft.train.stages import RUN, train_to_model
-
-
-def fraction(value) -> None:
-    """A fraction in ``(0, 1]``."""
-    positive_float(value)
-    if value > 1:
-        raise ValueError(f"must be in (0, 1], got {value!r}")
 
 
 @dataclass
@@ -62,7 +55,7 @@ class SelectConfig:
                                  "(or chat messages) rows", group="data", required=True, type=str)
     keep: Optional[float] = option(None, "fraction of the rows to keep, in (0, 1]: the "
                                    "ceil(FRACTION x rows) with the highest learnability",
-                                   group="data", check=fraction, required=True, type=float)
+                                   group="data", check=unit_interval, required=True, type=float)
     out: Optional[str] = option(None, "where the kept rows go (verbatim, in their original order)",
                                 group="data", required=True, type=str)
     scores: Optional[str] = option(None, "also write one JSON line per input row: line, "
@@ -109,12 +102,7 @@ def _check_output_file(name: str, path: str) -> None:
     """``path`` can be written as a file: not a folder, its folder a folder and writable."""
     if os.path.isdir(path):
         raise ConfigError(name, f"{path} is a folder; expected a file to write")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(name, f"cannot create {path}: {parent} is a file")
-    check_writable(parent, name)
+    check_creatable(os.path.dirname(os.path.abspath(path)), name)
 
 
 def validate_select(cfg: SelectConfig, pending=()) -> None:
@@ -201,7 +189,7 @@ def _score(cfg: SelectConfig, path, ds, pad_id: int, device, field_name: str, vo
     """``(token-mean losses, token counts, vocabulary)`` of ``ds`` under the model at
     ``path``; a vocabulary that cannot hold the tokens (or differs from ``vocab``) is a
     :class:`ConfigError` naming ``field_name``."""
-    model, _ = load_model_and_tokenizer(path, tiny_seed=cfg.tiny_seed)
+    model = load_model(path, tiny_seed=cfg.tiny_seed)
     model.to(device)
     v = model.get_output_embeddings().weight.shape[0]
     if vocab is not None and v != vocab:

@@ -134,15 +134,18 @@ def train(cfg: TrainConfig) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def load_model_and_tokenizer(path, *, tiny_seed: int = 0):
-    """``(model fp32, tokenizer)`` from a local HF directory, or the built-in tiny model."""
+def load_model(path, *, tiny_seed: int = 0):
+    """The fp32 model (master weights) of a local HF directory, or the built-in tiny model."""
     if path is None or path == "tiny":
         from minorsft.train.tiny import build_tiny_model
-        return build_tiny_model(seed=tiny_seed)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).float()  # fp32 master weights
-    return model, tok
+        return build_tiny_model(seed=tiny_seed)[0]
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path).float()
+
+
+def load_model_and_tokenizer(path, *, tiny_seed: int = 0):
+    """``(model fp32, tokenizer)`` from a local HF directory, or the built-in tiny model."""
+    return load_model(path, tiny_seed=tiny_seed), load_tokenizer(path)
 
 
 def load_tokenizer(path):
@@ -177,6 +180,7 @@ class Run:
         self._setup_policy(model, resume_path)
         self._setup_optimizer()
         self.start_step = self._resume(resume_path, resume_state)
+        self.resume_path = resume_path
 
     def _setup_seeds(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -216,7 +220,7 @@ class Run:
         self.pad_id = D.pad_token_id(self.tokenizer)
 
     def _setup_model(self):
-        model, _ = load_model_and_tokenizer(self.cfg.model, tiny_seed=self.cfg.tiny_seed)
+        model = load_model(self.cfg.model, tiny_seed=self.cfg.tiny_seed)
         model.to(self.device)
         self.vocab = vocab = model.get_output_embeddings().weight.shape[0]
         for name, ds in (("data", self.train_ds), ("eval_data", self.eval_ds)):
@@ -252,10 +256,10 @@ class Run:
         return ref
 
     def _setup_policy(self, model, resume_path) -> None:
-        if resume_path is not None:  # the policy continues from the checkpoint's weights
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(resume_path).float()
-        model.to(self.device)
+        if resume_path is not None:
+            # the policy continues from the checkpoint's weights, copied into the model already
+            # on the device (the checkpoint is read on the host): one policy-sized copy there
+            model.load_state_dict(load_model(resume_path).state_dict())
         model.config.use_cache = False
         if self.cfg.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -304,6 +308,8 @@ class Run:
     def loop(self) -> dict:
         from tqdm.auto import tqdm
         cfg = self.cfg
+        if self.start_step >= self.total_steps:
+            return self._already_finished()
         self.sampler = D.Sampler(len(self.train_ds), cfg.seed)
         keys = self.setup_loss.spec.progress or (("deviation",) if cfg.uses_reference() else ())
         bar = tqdm(total=self.total_steps, initial=self.start_step, dynamic_ncols=True,
@@ -337,15 +343,28 @@ class Run:
         last_ckpt = self._save(step)
         if stop:
             say(self.dist.main, f"{stop}: stopped after step {step}; checkpoint {last_ckpt}")
+        return self._result(step, final_eval, last_ckpt, stop)
+
+    def _already_finished(self) -> dict:
+        """A resume from the run's last checkpoint (a crash after the final save, before
+        what came next): nothing to train, no checkpoint rewritten; the final evaluation
+        is the one logged at that step (run again only if none was)."""
+        step = self.start_step
+        say(self.dist.main, f"the run already ended at step {step} ({self.resume_path}): nothing to train")
+        final_eval = self.dist.share(lambda: self.log.resumed_eval) or self._evaluate(step)
+        return self._result(step, final_eval, self.resume_path, None)
+
+    def _result(self, step: int, final_eval, checkpoint: str, stop) -> dict:
         return {"history": self.log.history, "evals": self.log.evals, "final_eval": final_eval,
-                "step": step, "checkpoint": last_ckpt, "out_dir": cfg.out_dir,
+                "step": step, "checkpoint": checkpoint, "out_dir": self.cfg.out_dir,
                 "skipped_rows": len(self.train_ds.skipped), "preempted": stop}
 
     def _stop_requested(self):
         """The name of the signal that asked the run to stop, or None. With several ranks
-        they must stop after the same step: one all-reduce of the flag per step."""
+        they must stop after the same step: one all-reduce of the host flag per step, over
+        a CPU group (no wait for the device)."""
         name = self.preempt.requested if self.preempt is not None else None
-        if self.dist.world > 1 and self.dist.any(name is not None, self.device):
+        if self.dist.world > 1 and self.dist.any_host(name is not None):
             return name or "SIGTERM"   # another rank's signal
         return name
 

@@ -85,10 +85,12 @@ class MetricsLog:
         self.main, self.run_name = main, run_name
         self.history: List[dict] = []
         self.evals: List[dict] = []
+        self.resumed_eval: Optional[dict] = None   # the kept evaluation at the resume step
 
     def start(self, resume_step: Optional[int]) -> None:
         """Begin the file: empty for a fresh run; for a resumed one, the lines up to
-        ``resume_step``. A line that is not JSON (a write cut by a kill) is dropped and named."""
+        ``resume_step`` (the evaluation at that step, if any, in :attr:`resumed_eval`:
+        its values only). A line that is not JSON (a write cut by a kill) is dropped and named."""
         if not self.main:
             return
         kept = []
@@ -102,6 +104,9 @@ class MetricsLog:
                         continue
                     if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
+                        if rec.get("split") == "eval" and rec.get("step") == resume_step:
+                            self.resumed_eval = {k: v for k, v in rec.items()
+                                                 if k not in ("split", "step", "run")}
         atomic_write(self.path, "".join(kept))
 
     def write(self, rec: dict) -> None:

@@ -69,18 +69,24 @@ def check_writable(folder: str, field_name: str = "out_dir") -> None:
         raise ConfigError(field_name, f"{folder} is not writable ({e.strerror})") from None
 
 
+def check_creatable(path: str, field_name: str) -> None:
+    """``path`` can be created: its nearest existing ancestor is a writable folder
+    (ConfigError ``field_name`` otherwise)."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(field_name, f"cannot create {path}: {parent} is a file")
+    check_writable(parent, field_name)
+
+
 def check_out_dir(out_dir: str, *, resume, overwrite: bool) -> None:
     """Refuse, before any work and without changing anything: an ``out_dir`` that is a file
     or cannot be written (nor created), ``overwrite`` together with ``resume``, and a start
     without ``resume`` into a folder holding a previous run (:class:`ConfigError`)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError("out_dir", f"{out_dir} is a file, not a folder")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError("out_dir", f"cannot create {out_dir}: {parent} is a file")
-    check_writable(parent)
+    check_creatable(out_dir, "out_dir")
     if overwrite and resume is not None:
         raise ConfigError("overwrite", "cannot be combined with --resume (it moves the checkpoints "
                                        "that --resume would continue from aside)")

@@ -29,22 +29,15 @@ import torch
 from minorsft.train import data as D
 from minorsft.train.checkpoint import atomic_write
 from minorsft.train.config import (ConfigError, TrainConfig, check_fields, existing_path, nonneg_float,
-                                   option, positive_float, positive_int, validate_config)
+                                   option, positive_int, unit_interval, validate_config)
 from minorsft.train.distributed import Dist, select_device
 from minorsft.train.evaluate import left_padded
-from minorsft.train.loop import load_model_and_tokenizer, load_tokenizer
+from minorsft.train.loop import load_model, load_tokenizer
 from minorsft.train.outdir import OutDirLock, check_out_dir
 from minorsft.train.stages import finished_model, train_to_model
 
 SPIN_LOSSES = ("dpo", "minor_dpo")
 PAIRS = "pairs.jsonl"
-
-
-def probability(value) -> None:
-    """A probability in ``(0, 1]``."""
-    positive_float(value)
-    if value > 1:
-        raise ValueError(f"must be in (0, 1], got {value!r}")
 
 
 @dataclass
@@ -69,7 +62,7 @@ class SpinConfig(TrainConfig):
     max_new_tokens: int = option(64, "longest generated response, in tokens", group="generation",
                                  check=positive_int)
     top_p: float = option(1.0, "nucleus sampling: sample from the smallest set of tokens whose "
-                          "probability reaches P (1: off)", group="generation", check=probability)
+                          "probability reaches P (1: off)", group="generation", check=unit_interval)
     # Set by spin for each round: no flags.
     resume: Optional[str] = option(None, "set by spin for each round", group="internal", type=str,
                                    cli=False)
@@ -169,7 +162,7 @@ def write_pairs(cfg: SpinConfig, k: int, model, rows, tokenizer, device, log) ->
     if os.path.isfile(path):
         log(f"round {k}: {path} was written by an earlier attempt: kept")
         return path
-    policy, _ = load_model_and_tokenizer(model, tiny_seed=cfg.tiny_seed)
+    policy = load_model(model, tiny_seed=cfg.tiny_seed)
     policy.to(device)
     texts = generate_responses(policy, tokenizer, [ex.prompt_ids for ex, _ in rows],
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

@@ -81,3 +81,24 @@ def test_fused_linear_under_fsdp_matches_single_process(single):
     assert g1.keys() == g2.keys() and "lm_head.weight" in g1
     for k in g1:
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def _agree(rank, store_path, results):
+    from minorsft.train.distributed import Dist
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                         world_size=2)
+    try:
+        d = Dist(rank=rank, world=2)
+        results[rank] = [d.any_host(False), d.any_host(rank == 1), d.any_host(rank == 0)]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_host_flags_agree_across_ranks(tmp_path):
+    """A stop signal seen by one rank stops both after the same step (the per-step agreement
+    runs on a CPU group, never on the device's queue)."""
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agree, args=(str(tmp_path / "store"), results), nprocs=2)
+        assert dict(results) == {0: [False, True, True], 1: [False, True, True]}

@@ -49,13 +49,19 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path, full_run):
 
 
 def test_resume_latest_in_place_keeps_metrics_consistent(tmp_path, synth):
-    cfg = TrainConfig(loss="sft", data=synth["train"], out_dir=str(tmp_path / "run"), max_steps=2,
-                      batch_size=4, save_every=1, log_every=1, max_length=32, progress=False)
-    train(cfg)
+    cfg = TrainConfig(loss="sft", data=synth["train"], eval_data=synth["eval"], out_dir=str(tmp_path / "run"),
+                      max_steps=2, batch_size=4, save_every=1, log_every=1, max_length=32, progress=False)
+    first = train(cfg)
     with open(os.path.join(cfg.out_dir, "latest")) as f:
         assert f.read().strip() == "checkpoint-2"
+    weights = os.path.join(cfg.out_dir, "checkpoint-2", "model.safetensors")
+    before = os.stat(weights).st_mtime_ns, open(os.path.join(cfg.out_dir, "metrics.jsonl")).read()
     again = train(dataclasses.replace(cfg, resume="latest"))
     assert again["history"] == [] and again["step"] == 2  # nothing left to do
+    assert again["checkpoint"].endswith("checkpoint-2")
+    assert again["final_eval"] == pytest.approx(first["final_eval"])   # the logged one, not recomputed
+    after = os.stat(weights).st_mtime_ns, open(os.path.join(cfg.out_dir, "metrics.jsonl")).read()
+    assert after == before                          # no checkpoint rewritten, no line added
 
 
 @pytest.mark.parametrize("change", [dict(batch_size=4), dict(loss="sft"), dict(beta=0.2), dict(lr=1e-3),
