@@ -43,21 +43,22 @@ def evaluate(setup: LossSetup, model, dataset, *, batch_size: int, pad_id: int, 
             exs = dataset.examples[start: start + batch_size]
             b = D.collate(exs, pad_id, dataset.kind)
             idx = b.pop("index")
+            scored = b["labels"][:, 1:] != D.IGNORE_INDEX          # counted on the host
+            n_tok, n_seq = int(scored.sum()), int(scored.any(-1).sum())
             b = {k: v.to(device) for k, v in b.items()}
             ref = R.lookup(ref_table, idx, dataset.kind).to(device) if ref_table is not None else None
-            n_tok = int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum())
             with autocast():
                 loss, m = compute_loss(setup, model, b, ref_model=ref_model, ref_logps=ref,
-                                       num_items=n_tok, reduction="sum", unwrapped=inner)
+                                       num_items=n_tok, unwrapped=inner)
             if setup.spec.token_level:   # a token mean: weigh it by its tokens
                 sums.add("loss", loss, n_tok)
             else:                     # a sum over sequences / pairs
                 sums.add("loss", loss / len(exs), len(exs))
-            if dataset.kind == "sft":  # token-level cross-entropy, comparable across losses
-                if not setup.spec.token_level:
-                    with autocast():
-                        loss, _ = compute_loss(setup.as_sft(), model, b, num_items=n_tok, unwrapped=inner)
-                sums.add("ce", loss, n_tok)
+            if dataset.kind == "sft":  # token-level cross-entropy, comparable across losses:
+                # sft's loss itself, or from minor_sft's mean sequence log-prob (the mean over
+                # the n_seq sequences with a label): the same sums, no second forward
+                ce = loss if setup.spec.token_level else -m["logps"] * n_seq / max(n_tok, 1)
+                sums.add("ce", ce, n_tok)
             for k, v in m.items():
                 sums.add(k, v, len(exs))
         out = sums.means()

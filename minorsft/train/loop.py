@@ -429,7 +429,7 @@ class Run:
             with self.autocast():
                 loss, m = compute_loss(self.setup_loss, self.model, b, ref_model=self.reference.model,
                                        ref_logps=ref, denom=denom, num_items=num_items,
-                                       reduction="sum", unwrapped=self.unwrapped)
+                                       unwrapped=self.unwrapped)
             # DDP / FSDP average gradients over ranks; the loss is normalised globally.
             (loss * W).backward()
         return loss, m, tokens

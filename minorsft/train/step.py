@@ -39,11 +39,6 @@ class LossSetup:
         return cls(cfg.loss, cfg.loss_options(), cfg.temperature, cfg.backend, cfg.fused_linear,
                    cfg.track_deviation, transform)
 
-    def as_sft(self) -> "LossSetup":
-        """The same model path scored with token-level cross-entropy (held-out CE)."""
-        return LossSetup("sft", {}, self.temperature, self.backend, self.fused_linear,
-                         transform=self.transform)
-
     @property
     def spec(self):
         return ms.LOSSES[self.loss]
@@ -83,10 +78,8 @@ def hidden_states(model, unwrapped, fwd: dict) -> torch.Tensor:
     return captured["h"]
 
 
-def _on(fwd: dict, module) -> dict:
-    """``fwd``'s tensors on ``module``'s device (a reference model may live elsewhere)."""
-    dev = next(module.parameters()).device
-    return {k: v.to(dev) for k, v in fwd.items()}
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _head(model, dtype, device):
@@ -110,24 +103,39 @@ def policy_and_reference(setup: LossSetup, model, unwrapped, ref_model, fwd: dic
     """``(call, tensors, ref_tensors)``: the library loss to call (``ms.fused_loss`` or
     ``ms.linear_fused_loss``), the policy's full-length tensors for it (the call takes
     ``shift=True``: no vocabulary-sized slice) and the reference's keyword tensors (empty
-    without a live reference model)."""
+    without a live reference model; ``ref_model`` lives on the policy's device, see
+    :func:`reference_sums_elsewhere` for one that does not)."""
     ref_kw = {}
     if not setup.fused_linear:
         logits = model(**fwd).logits
         if ref_model is not None:
             with torch.no_grad():
-                ref = ref_model(**_on(fwd, ref_model)).logits
-            ref_kw["ref_logits"] = ref.to(logits.device)   # any float dtype: no cast, no copy
+                ref_kw["ref_logits"] = ref_model(**fwd).logits   # any float dtype: no cast
         return ms.fused_loss, (logits,), ref_kw
     hidden = hidden_states(model, unwrapped, fwd)
     weight, bias = _head(unwrapped, hidden.dtype, hidden.device)
     if ref_model is not None:
         with torch.no_grad():
-            rh = hidden_states(ref_model, ref_model, _on(fwd, ref_model))
-            rh = rh.to(device=hidden.device, dtype=hidden.dtype)
+            rh = hidden_states(ref_model, ref_model, fwd).to(dtype=hidden.dtype)
             rw, rb = _head(ref_model, rh.dtype, rh.device)
         ref_kw = {"ref_hidden": rh, "ref_weight": rw, "ref_bias": rb}
     return ms.linear_fused_loss, (hidden, weight), {"bias": bias, **ref_kw}
+
+
+def reference_sums_elsewhere(setup: LossSetup, ref_model, fwd: dict, labels) -> torch.Tensor:
+    """``[B]`` reference sums of a reference model on another device than the policy,
+    computed on its own device: only ``B`` floats cross, not its ``[B, T, V]`` logits (or
+    its hidden states and lm_head on the fused linear path) at every micro-step."""
+    dev = _device(ref_model)
+    fwd, ref_labels = {k: v.to(dev) for k, v in fwd.items()}, labels.to(dev)
+    with torch.no_grad():
+        if setup.fused_linear:
+            h = hidden_states(ref_model, ref_model, fwd)
+            w, b = _head(ref_model, h.dtype, h.device)
+            lp = ms.linear_token_logprobs(h, w, ref_labels, bias=b, **_common(setup))
+        else:
+            lp = ms.token_logprobs(ref_model(**fwd).logits, ref_labels, **_common(setup))
+    return lp.sum(-1).to(labels.device)
 
 
 def _token_fn(setup: LossSetup):
@@ -152,20 +160,20 @@ def _deviation(setup: LossSetup, ref_kw: dict, labels, lp_policy, ref_logps):
             else:
                 rargs, rkw = (ref_kw["ref_hidden"], ref_kw["ref_weight"]), {"bias": ref_kw["ref_bias"]}
             ref_logps = _token_fn(setup)(*rargs, labels, **rkw, **common).sum(-1)
-        _, m = ms.loss_from_token_logprobs("minor_sft", lp_policy.detach(), labels[:, 1:] != D.IGNORE_INDEX,
-                                           ref_seq_logps=ref_logps, return_metrics=True)
-    return m["deviation"]
+        stats = ms.losses.sequence_stats(lp_policy.detach().sum(-1), labels[:, 1:] != D.IGNORE_INDEX,
+                                         ref_logps.float())
+    return ms.losses.minor_sft_metrics(stats)["deviation"]
 
 
 def compute_loss(setup: LossSetup, model, batch: dict, *, ref_model=None, ref_logps=None,
-                 denom=None, num_items=None, reduction="sum", unwrapped=None):
+                 denom=None, num_items=None, unwrapped=None):
     """Forward the policy (and the reference) on ``batch`` and return ``(loss, metrics)``.
 
     ``batch``: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` on the device
     (for pairs ``B = 2P``, chosen rows first), Hugging Face labels: position ``t``
     predicts ``labels[:, t + 1]`` (the library's ``shift=True``). ``ref_logps``: ``[B]`` precomputed per-sequence
     reference sums (or None with ``ref_model``). ``sft`` divides by ``num_items`` (global
-    label tokens); the others reduce with ``reduction`` and divide by ``denom``.
+    label tokens); the others sum over sequences (pairs) and divide by ``denom``.
     ``unwrapped``: the model under a DDP wrapper (for the fused linear path).
     Metrics are detached tensors (no host sync): the loss's metrics (for ``sft`` with a
     reference, the deviation).
@@ -173,12 +181,14 @@ def compute_loss(setup: LossSetup, model, batch: dict, *, ref_model=None, ref_lo
     labels = batch["labels"]
     fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     live_ref = ref_model if (setup.spec.reference or setup.track_deviation) and ref_logps is None else None
+    if live_ref is not None and _device(live_ref) != labels.device:
+        ref_logps, live_ref = reference_sums_elsewhere(setup, live_ref, fwd, labels), None
     call, tensors, kw = policy_and_reference(setup, model, unwrapped or model, live_ref, fwd)
     common = _common(setup)
     if setup.spec.token_level:
         ref_kw = {k: v for k, v in kw.items() if k.startswith("ref_")}
         kw = {k: v for k, v in kw.items() if not k.startswith("ref_")}
-        sft = dict(reduction="mean" if reduction == "sum" else reduction, num_items_in_batch=num_items)
+        sft = dict(reduction="mean", num_items_in_batch=num_items)
         if not ref_kw and ref_logps is None:
             # the library's own call: on the fused linear path its gradient-in-forward plan
             return call(setup.loss, *tensors, labels, **sft, **kw, **common), {}
@@ -186,7 +196,7 @@ def compute_loss(setup: LossSetup, model, batch: dict, *, ref_model=None, ref_lo
         lp = _token_fn(setup)(*tensors, labels, **kw, **common)
         loss = ms.loss_from_token_logprobs(setup.loss, lp, labels[:, 1:] != D.IGNORE_INDEX, **sft)
         return loss, {"deviation": _deviation(setup, ref_kw, labels, lp, ref_logps)}
-    loss, m = call(setup.loss, *tensors, labels, ref_logprobs=ref_logps, reduction=reduction,
+    loss, m = call(setup.loss, *tensors, labels, ref_logprobs=ref_logps, reduction="sum",
                    return_metrics=True, **kw, **setup.options, **common)
     if denom is not None:
         loss = loss / denom

@@ -14,6 +14,7 @@ from minorsft.train import tiny
 from minorsft.train import ConfigError, TrainConfig, train, validate_config
 from minorsft.train.data import Sampler
 from minorsft.train.optim import lr_lambda
+from minorsft.train import step
 from minorsft.train.step import LossSetup, compute_loss
 
 
@@ -110,11 +111,46 @@ def _both_paths(model, tok, synth, loss, **cfg_kw):
     return setup
 
 
-@pytest.mark.parametrize("loss", ["sft", "minor_sft", "dpo", "minor_dpo"])
-def test_fused_linear_path_matches_logits_path(synth, loss):
+@pytest.mark.parametrize("loss,deviation", [("sft", True), ("sft", False), ("minor_sft", False),
+                                            ("dpo", False), ("minor_dpo", False)])
+def test_fused_linear_path_matches_logits_path(synth, loss, deviation):
+    """sft without the deviation metric takes the library's own call (on the fused linear
+    path its gradient-in-forward plan); with it, the per-token route."""
     torch.manual_seed(0)
     model, tok = tiny.build_tiny_model(seed=0)
-    _both_paths(model, tok, synth, loss, track_deviation=True)
+    _both_paths(model, tok, synth, loss, track_deviation=deviation)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss", ["minor_sft", "minor_dpo"])
+def test_reference_on_another_device_gives_the_same_step(synth, loss, fused):
+    """A reference model on another device sends only its [B] sums across: the same loss,
+    metrics and gradients as its logits (or hidden states) in the fused call."""
+    torch.manual_seed(0)
+    model, tok = tiny.build_tiny_model(seed=0)
+    ref = R.frozen_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kind = "pairs" if "dpo" in loss else "sft"
+    b = D.collate(D.load_dataset(synth["train"], tok, max_length=32, kind=kind, limit=4).examples, 0, kind)
+    setup = LossSetup.from_config(TrainConfig(loss=loss, fused_linear=fused), model)
+    fwd = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    sums = step.reference_sums_elsewhere(setup, ref, fwd, b["labels"])
+    out = []
+    for kw in (dict(ref_model=ref), dict(ref_logps=sums)):
+        model.zero_grad()
+        l, m = compute_loss(setup, model, b, **kw)
+        l.backward()
+        out.append((l.detach(), m, [p.grad.clone() for p in model.parameters()]))
+    (l0, m0, g0), (l1, m1, g1) = out
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    assert m0 and m0.keys() == m1.keys()
+    for k in m0:
+        torch.testing.assert_close(m1[k], m0[k], rtol=1e-6, atol=1e-6)
+    assert sum(float(g.norm()) for g in g0) > 0
+    for a, c in zip(g1, g0):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, synth):
@@ -214,3 +250,22 @@ def test_fused_linear_applies_the_models_logit_softcapping(synth, loss):
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     setup = _both_paths(transformers.Gemma2ForCausalLM(cfg).float(), tok, synth, loss)
     assert setup.transform == {"softcap": 3.0, "logit_scale": 1.0}
+
+
+def test_held_out_ce_is_the_same_for_every_sft_loss(synth):
+    """minor_sft's held-out ce (from its mean sequence log-prob, no second forward) is the
+    token-level cross-entropy that sft reports on the same model and data (batches of
+    unequal lengths, with a last partial batch)."""
+    from minorsft.train.evaluate import evaluate
+    model, tok = tiny.build_tiny_model(seed=0)
+    ref = R.frozen_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ds = D.load_dataset(synth["eval"], tok, max_length=32, kind="sft")
+    kw = dict(batch_size=3, pad_id=D.pad_token_id(tok), device=torch.device("cpu"))
+    sft = evaluate(LossSetup("sft"), model, ds, **kw)
+    minor = evaluate(LossSetup("minor_sft", {"beta": 0.1, "length_norm": "outside"}), model, ds,
+                     ref_model=ref, **kw)
+    assert len(ds) % 3 and sft["ce"] == pytest.approx(sft["loss"], rel=1e-6)
+    assert minor["ce"] == pytest.approx(sft["ce"], rel=1e-5)
