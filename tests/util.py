@@ -1,4 +1,4 @@
-"""Test helpers: random inputs and a verbose error-bar assertion."""
+"""Test helpers: random inputs, a verbose error-bar assertion, fused-linear chunk plans."""
 import torch
 
 
@@ -48,3 +48,28 @@ def grad_of(fn, x, upstream, dtype=None):
     out = fn(leaf)
     (g,) = torch.autograd.grad(out, leaf, upstream.to(out.dtype))
     return g
+
+
+def chunk_rows(monkeypatch, request, rows: int, v: int) -> list:
+    """Make the fused linear path cut its work into chunks of ``rows`` rows for this test.
+
+    The budget (``MINORSFT_LINEAR_CHUNK_BYTES``) is in bytes and the driver divides it by
+    the compute dtype's element size, so it is set for the test's ``dtype`` parameter
+    (fp32 without one) and its ``v`` parameter (``v`` without one). Returns the list of
+    ``(rows to score, rows a chunk)`` of every call that took the budget from the
+    environment, for the caller to check the plan.
+    """
+    from minorsft.kernels import linear as KL
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    dtype, v = params.get("dtype", torch.float32), params.get("v", v)
+    monkeypatch.setenv("MINORSFT_LINEAR_CHUNK_BYTES", str(rows * v * dtype.itemsize))
+    seen, prepare = [], KL._prepare
+
+    def spy(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        if kwargs.get("memory_budget") is None:   # a call's own budget is not the plan's
+            seen.append((out[0].n, out[2]))
+        return out
+
+    monkeypatch.setattr(KL, "_prepare", spy)
+    return seen

@@ -15,7 +15,7 @@ import torch
 import minorsft as ms
 from minorsft import linear as L
 from tests import ground_truth as eager
-from tests.util import assert_error_bar
+from tests.util import assert_error_bar, chunk_rows
 
 B, T, H, V = 4, 13, 40, 101
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -48,10 +48,11 @@ FNS = {"sft": L.linear_sft_loss, "minor_sft": L.linear_minor_sft_loss,
 @pytest.fixture(autouse=True, params=["sequences", "rows"])
 def plan(request, monkeypatch):
     """Chunk budgets smaller than the shapes (the default would hold them in one chunk):
-    about two sequences of fp32 rows, or 5 rows (less than one sequence)."""
+    about two sequences of rows, or 5 rows (less than one sequence), in the test's dtype."""
     rows = 2 * T if request.param == "sequences" else 5
-    monkeypatch.setenv("MINORSFT_LINEAR_CHUNK_BYTES", str(rows * V * 4))
-    return request.param
+    seen = chunk_rows(monkeypatch, request, rows, V)
+    yield request.param
+    assert all(per_chunk == rows for _, per_chunk in seen), f"chunks of {rows} rows, got {seen}"
 
 
 def make_inputs(dtype, device, *, bias=True, b=B, t=T, h=H, v=V):

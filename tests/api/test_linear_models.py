@@ -9,7 +9,7 @@ import torch
 
 import minorsft as ms
 from tests import ground_truth as gt
-from tests.util import assert_error_bar
+from tests.util import assert_error_bar, chunk_rows
 
 B, T, H, V = 4, 11, 24, 97
 FNS = {"sft": ms.linear_sft_loss, "minor_sft": ms.linear_minor_sft_loss,
@@ -18,9 +18,12 @@ FNS = {"sft": ms.linear_sft_loss, "minor_sft": ms.linear_minor_sft_loss,
 
 @pytest.fixture(autouse=True, params=["sequences", "rows"])
 def plan(request, monkeypatch):
-    """Two sequences of fp32 rows a chunk (gradient in the forward) or 4 rows (two passes)."""
+    """Two sequences of rows a chunk (gradient in the forward) or 4 rows (two passes), in
+    the test's compute dtype."""
     rows = 2 * T if request.param == "sequences" else 4
-    monkeypatch.setenv("MINORSFT_LINEAR_CHUNK_BYTES", str(rows * V * 4))
+    seen = chunk_rows(monkeypatch, request, rows, V)
+    yield
+    assert all(per_chunk == rows for _, per_chunk in seen), f"chunks of {rows} rows, got {seen}"
 
 
 def inputs(device, hdt, wdt):
@@ -57,10 +60,11 @@ def ours(kind, tensors, labels, ref_lp, backend, **kw):
     return out, torch.autograd.grad(out, leaves)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])   # the hidden states' (compute) dtype
 @pytest.mark.parametrize("kind", list(FNS))
-def test_bf16_hidden_with_an_fp32_lm_head(kind, backend, device):
+def test_bf16_hidden_with_an_fp32_lm_head(kind, dtype, backend, device):
     """Autocast's layout: the GEMMs run in bf16, each gradient comes back in its input's dtype."""
-    tensors = inputs(device, torch.bfloat16, torch.float32)
+    tensors = inputs(device, dtype, torch.float32)
     labels = tensors[3]
     ref_lp = -torch.rand(B, device=device) * 30
     out, grads = ours(kind, tensors[:3], labels, ref_lp, backend)
@@ -113,9 +117,11 @@ def test_token_logprobs_with_transforms_and_shift(backend, device):
     assert_error_bar(lp, truth, truth, atol=2e-5, rtol=1e-5, name="logprob")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("kind", ["minor_sft", "dpo"])
-def test_two_runs_give_bitwise_identical_gradients(kind, backend, device):
-    tensors = inputs(device, torch.bfloat16, torch.bfloat16)
+def test_two_runs_give_bitwise_identical_gradients(kind, dtype, backend, device):
+    """Several chunks accumulate dW in a fixed order: no atomics, the same bits every run."""
+    tensors = inputs(device, dtype, dtype)
     ref_lp = -torch.rand(B, device=device) * 30
     (a, ga), (b, gb) = (ours(kind, tensors[:3], tensors[3], ref_lp, backend) for _ in range(2))
     assert torch.equal(a, b)
