@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.util import ROOT
+
 PKG = os.path.join(ROOT, "minorsft")
 MAX_FUNCTION_LINES = 80
 # The thin layers above both: they may import the training app.

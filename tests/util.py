@@ -1,5 +1,16 @@
-"""Test helpers: random inputs, a verbose error-bar assertion, fused-linear chunk plans."""
+"""Test helpers: random inputs, a verbose error-bar assertion, fused-linear chunk plans,
+the repository root and a subprocess environment that imports this checkout."""
+import os
+
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> dict:
+    """This process's environment plus ``extra``, with :data:`ROOT` first on
+    ``PYTHONPATH``: a child ``python`` imports this checkout's ``minorsft`` and ``tests``."""
+    return dict(os.environ, **extra, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def make_batch(B, T, V, dtype, device, *, scale=3.0, mask_frac=0.2, stride_view=True):

@@ -8,13 +8,6 @@ import minorsft as ms
 B, T, V = 2, 6, 50
 
 
-@pytest.fixture(autouse=True)
-def _clean_flag(device):
-    ms.take_label_errors(device)
-    yield
-    ms.take_label_errors(device)
-
-
 def _batch(device):
     logits = torch.randn(B, T, V, device=device)
     labels = torch.randint(0, V, (B, T), device=device)

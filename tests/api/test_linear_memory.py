@@ -23,10 +23,11 @@ import sys
 
 import pytest
 
+from tests.util import ROOT, subprocess_env
+
 # The PyTorch backend only: nothing for the Triton interpreter pass to run.
 pytestmark = pytest.mark.no_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_BATCH, N_TIME, HIDDEN, VOCAB = 4, 2048, 256, 32000      # N = 8192 tokens
 MAX_RATIO = 0.15
 
@@ -101,7 +102,7 @@ def _measure(variant: str) -> dict:
 
 
 def _run(variant: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env()
     env.pop("MINORSFT_LINEAR_CHUNK_BYTES", None)          # measure the default budget
     out = subprocess.run([sys.executable, os.path.abspath(__file__), variant], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)

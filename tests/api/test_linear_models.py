@@ -44,12 +44,14 @@ def logits(h, w, b, dtype, *, softcap=None, logit_scale=1.0, compute=None):
     return softcap * torch.tanh(z / softcap) if softcap else z
 
 
-def loss_and_grads(kind, tensors, labels, ref_lp, dtype, compute=None, **tf):
+def loss_and_grads(kind, tensors, labels, ref_lp, dtype, compute=None, temperature=1.0, **tf):
+    """Eager loss and gradients of ``(hidden, weight, bias)`` upcast to ``dtype`` (float64:
+    the ground truth; fp32 with ``compute``: the error bar of a model under autocast)."""
     leaves = [x.detach().to(dtype).requires_grad_(True) for x in tensors]
     kw = {} if kind == "sft" else {"ref_logprobs": ref_lp.to(dtype)}
     sm = torch.float64 if dtype == torch.float64 else torch.float32
-    loss, _ = gt.loss(kind, logits(*leaves, sm if compute is None else sm, compute=compute, **tf),
-                      labels, dtype=sm, **kw)
+    loss, _ = gt.loss(kind, logits(*leaves, sm, compute=compute, **tf), labels, dtype=sm,
+                      temperature=temperature, **kw)
     return loss, torch.autograd.grad(loss, leaves)
 
 
@@ -69,7 +71,7 @@ def test_bf16_hidden_with_an_fp32_lm_head(kind, dtype, backend, device):
     ref_lp = -torch.rand(B, device=device) * 30
     out, grads = ours(kind, tensors[:3], labels, ref_lp, backend)
     truth, g64 = loss_and_grads(kind, tensors[:3], labels, ref_lp, torch.float64)
-    same, gsame = loss_and_grads(kind, tensors[:3], labels, ref_lp, torch.float32, compute=torch.bfloat16)
+    same, gsame = loss_and_grads(kind, tensors[:3], labels, ref_lp, torch.float32, compute=dtype)
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
     assert_error_bar(out, same, truth, atol=1e-3, rtol=2 ** -8, name="loss")
     for name, g, s, r in zip(("d_hidden", "d_weight", "d_bias"), grads, gsame, g64):
@@ -85,20 +87,9 @@ def test_softcap_and_logit_scale(kind, tf, dtype, backend, device):
     tensors = inputs(device, dtype, dtype)
     labels = tensors[3]
     ref_lp = -torch.rand(B, device=device) * 30
-    tau = tf.get("temperature", 1.0)
-    model_tf = {k: v for k, v in tf.items() if k != "temperature"}
     out, grads = ours(kind, tensors[:3], labels, ref_lp, backend, **tf)
-
-    def reference(dt, compute=None):
-        leaves = [x.detach().to(dt).requires_grad_(True) for x in tensors[:3]]
-        kw = {} if kind == "sft" else {"ref_logprobs": ref_lp.to(dt)}
-        sm = torch.float64 if dt == torch.float64 else torch.float32
-        z = logits(*leaves, sm, compute=compute, **model_tf)
-        loss, _ = gt.loss(kind, z, labels, dtype=sm, temperature=tau, **kw)
-        return loss, torch.autograd.grad(loss, leaves)
-
-    truth, g64 = reference(torch.float64)
-    same, gsame = reference(torch.float32, compute=dtype)
+    truth, g64 = loss_and_grads(kind, tensors[:3], labels, ref_lp, torch.float64, **tf)
+    same, gsame = loss_and_grads(kind, tensors[:3], labels, ref_lp, torch.float32, compute=dtype, **tf)
     atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (1e-3, 2 ** -7)
     assert_error_bar(out, same, truth, atol=atol, rtol=rtol, name="loss")
     for name, g, s, r in zip(("d_hidden", "d_weight", "d_bias"), grads, gsame, g64):

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-pytestmark = pytest.mark.no_interpreter
+from tests.util import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.no_interpreter
 
 
 def _blocks():

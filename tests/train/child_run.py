@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.util import ROOT, subprocess_env
+
 
 
 class Child:
@@ -20,10 +21,9 @@ class Child:
     def __init__(self, args, tmp_path, *, pause_at=0):
         import torch
         self.release_file = str(tmp_path / f"release-{time.monotonic_ns()}")
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   MINORSFT_TEST_PAUSE_AT=str(pause_at), MINORSFT_TEST_RELEASE=self.release_file,
-                   # the same thread count as this process: the same float results
-                   OMP_NUM_THREADS=str(torch.get_num_threads()))
+        env = subprocess_env(MINORSFT_TEST_PAUSE_AT=str(pause_at), MINORSFT_TEST_RELEASE=self.release_file,
+                             # the same thread count as this process: the same float results
+                             OMP_NUM_THREADS=str(torch.get_num_threads()))
         self.stderr = open(tmp_path / f"child-stderr-{time.monotonic_ns()}.txt", "w+")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *map(str, args)],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.stderr,

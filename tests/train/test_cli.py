@@ -11,12 +11,12 @@ import pytest
 from minorsft import cli
 from minorsft.train import tiny
 from minorsft.train import TrainConfig
+from tests.util import ROOT, subprocess_env
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.
 pytestmark = pytest.mark.no_interpreter
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_python_dash_m_train_then_incompatible_resume(tmp_path, synth):
     cmd = [sys.executable, "-m", "minorsft", "train", "--loss", "minor_dpo", "--data", synth["train"],
            "--eval-data", synth["eval"], "--out-dir", str(out), "--max-steps", "2", "--batch-size", "2",
            "--max-length", "32", "--no-progress", "--log-every", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from minorsft.train import tiny
 from minorsft.train.plots import read_metrics
 from minorsft.train import TrainConfig, train
+from tests.util import ROOT, subprocess_env
 
 pytestmark = [pytest.mark.no_interpreter,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def torchrun(out_dir, common, *extra):
             "--dump-grads", str(out_dir / "grads.safetensors"), "--device", "cpu", "--eval-generate"]
     for k, v in common.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(OMP_NUM_THREADS="1")
     p = subprocess.run(args + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out_dir

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from minorsft import cli
 from minorsft.train import RecipeError, plan_recipe, run_recipe, tiny
 from minorsft.train.recipe import load_recipe
+from tests.util import ROOT
 
 pytestmark = pytest.mark.no_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = {"batch_size": 4, "max_length": 32, "progress": False}
 
 
