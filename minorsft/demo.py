@@ -30,6 +30,8 @@ import os
 import shutil
 import time
 
+from minorsft.train.checkpoint import atomic_write
+from minorsft.train.manifest import sha256_file
 from minorsft.train.tiny import TASK_FAMILIES
 
 LRS = (2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2)  # x2 steps; brackets both methods' best
@@ -64,7 +66,7 @@ def run_demo(out_dir: str = "runs/demo", *, seed: int = 0, base_steps: int = 400
                 for i, (fam, tasks) in enumerate((("A", tasks_a), ("B", tasks_b)))}
         recipe = dict(tasks=list(tasks_a), steps=base_steps, lr=base_lr, batch_size=batch_size,
                       warmup_steps=20, max_length=MAX_LENGTH, hidden_size=hidden_size, seed=seed,
-                      data_sha256=_sha256(data["A"]["train"]), code_sha256=_source_sha256(),
+                      data_sha256=sha256_file(data["A"]["train"]), code_sha256=_source_sha256(),
                       threads=threads, torch=torch.__version__,
                       device=os.environ.get("MINORSFT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
         setup = dict(base_recipe=recipe, tasks_b=list(tasks_b), methods=list(methods), lrs=list(lrs),
@@ -83,7 +85,7 @@ def run_demo(out_dir: str = "runs/demo", *, seed: int = 0, base_steps: int = 400
                 for method in methods for lr in lrs]
     results = {"setup": setup, "base": base, "rows": rows,
                "summary": summarise(base, rows, min(setup["n_eval"].values()))}
-    _write_json(os.path.join(out_dir, "results.json"), results)
+    atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
     results["plot"] = plot_frontier(results, os.path.join(out_dir, "frontier.png"),
                                     title=f"fine-tuning the base model on {', '.join(tasks_b)}: "
                                           f"learned vs kept, per learning rate")
@@ -145,7 +147,7 @@ def _base_model(base: str, recipe: dict, data_a: dict, progress: bool, print_fn)
     tokenizer.save_pretrained(model_dir)
     for scratch in ("init", "train"):
         shutil.rmtree(os.path.join(base, scratch))
-    _write_json(stamp, {"key": key, "recipe": recipe})
+    atomic_write(stamp, json.dumps({"key": key, "recipe": recipe}, indent=1) + "\n")
     return model_dir
 
 
@@ -266,11 +268,6 @@ def report(results: dict) -> list:
     return lines
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _source_sha256() -> str:
     """A hash of the package's Python source (``minorsft/**/*.py``): a change to the code
     that trains stage 0 retrains it."""
@@ -280,20 +277,10 @@ def _source_sha256() -> str:
         dirs.sort()
         for name in sorted(f for f in files if f.endswith(".py")):
             path = os.path.join(dirpath, name)
-            h.update(f"{os.path.relpath(path, root)} {_sha256(path)}\n".encode())
+            h.update(f"{os.path.relpath(path, root)} {sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
 def _count(path: str) -> int:
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
-
-
-def _write_json(path: str, obj) -> None:
-    """Write ``obj`` as indented JSON through a temporary file and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
