@@ -121,39 +121,49 @@ def _write_data(out_dir, family, tasks, n_train, n_eval, seed) -> dict:
 
 
 def _base_model(base: str, recipe: dict, data_a: dict, progress: bool, print_fn) -> str:
-    """Stage 0: the base model's folder, ``base/model``; trained unless ``base/recipe.json``
-    holds this recipe's key (written last, so an interrupted stage 0 reruns)."""
-    from minorsft.train import TrainConfig, train
+    """Stage 0: the base model's folder, ``base/model``, reused when it is a finished model
+    (:func:`~minorsft.train.stages.finished_model`: published last, its manifest verifies)
+    whose ``info.json`` holds this recipe's key; otherwise ``base`` is emptied and the
+    model trained in ``base/train`` (from ``base/init``) and published
+    (:func:`~minorsft.train.stages.train_to_model`), so an interrupted stage 0 reruns.
+    The key covers more than the training configuration (the package's source, torch,
+    threads, device), hence this check and not ``train_to_model``'s own."""
+    from minorsft.train import TrainConfig
+    from minorsft.train.stages import finished_model, train_to_model
     from minorsft.train.tiny import save_tiny_model
 
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    model_dir, stamp = os.path.join(base, "model"), os.path.join(base, "recipe.json")
-    if os.path.isdir(model_dir) and os.path.exists(stamp):
-        with open(stamp, encoding="utf-8") as f:
-            if json.load(f).get("key") == key:
-                print_fn(f"stage 0: the base model is cached in {model_dir} (recipe {key})")
-                return model_dir
+    done = finished_model(base)
+    if done is not None and _info(done).get("key") == key:
+        print_fn(f"stage 0: the base model is cached in {done} (recipe {key})")
+        return done
     shutil.rmtree(base, ignore_errors=True)
     print_fn(f"stage 0: training the base model on A, {recipe['steps']} steps (recipe {key})")
     init = save_tiny_model(os.path.join(base, "init"), seed=recipe["seed"],
                            hidden_size=recipe["hidden_size"])
-    out = train(TrainConfig(
-        loss="sft", model=init, data=data_a["train"], out_dir=os.path.join(base, "train"),
-        run_name="stage 0 (A)", max_steps=recipe["steps"], batch_size=recipe["batch_size"],
-        lr=recipe["lr"], warmup_steps=recipe["warmup_steps"], max_length=recipe["max_length"],
-        seed=recipe["seed"], progress=progress))
-    model, tokenizer = _load(out["checkpoint"])
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    for scratch in ("init", "train"):
-        shutil.rmtree(os.path.join(base, scratch))
-    atomic_write(stamp, json.dumps({"key": key, "recipe": recipe}, indent=1) + "\n")
-    return model_dir
+    cfg = TrainConfig(
+        loss="sft", model=init, data=data_a["train"], run_name="stage 0 (A)",
+        max_steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+        warmup_steps=recipe["warmup_steps"], max_length=recipe["max_length"], seed=recipe["seed"],
+        progress=progress)
+    return train_to_model(cfg, base, info={"key": key, "recipe": recipe}, log=print_fn)["model"]
+
+
+def _info(model_dir: str) -> dict:
+    """The ``info.json`` of a published model (empty when it cannot be read)."""
+    from minorsft.train.stages import INFO
+    try:
+        with open(os.path.join(model_dir, INFO), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _load(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    return AutoModelForCausalLM.from_pretrained(model_dir).float().eval(), AutoTokenizer.from_pretrained(model_dir)
+    """``(model, tokenizer)`` of a Hugging Face folder: the model in fp32, in eval mode."""
+    from minorsft.train.loop import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    return model.eval(), tokenizer
 
 
 def _accuracy(model, tokenizer, path: str) -> float:
