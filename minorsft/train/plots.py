@@ -3,8 +3,11 @@
 kept (:func:`plot_frontier`)."""
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from minorsft.train.checkpoint import atomic_write
 
 
 def read_metrics(path: str) -> list:
@@ -57,18 +60,18 @@ def _label(ax, xlabel: str, ylabel: str, caption: str) -> None:
 
 
 def _save(fig, path: str, title: str | None) -> str:
-    """Write ``fig`` (with ``title`` above it) to ``path`` as a PNG through a temporary
-    file and a rename; close it."""
+    """Write ``fig`` (with ``title`` above it) to ``path`` as a PNG with
+    :func:`~minorsft.train.checkpoint.atomic_write`, creating its folder; close it."""
     import matplotlib.pyplot as plt
 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, png.getvalue())
     return path
 
 
