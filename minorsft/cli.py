@@ -1,4 +1,4 @@
-"""Command line: ``minorsft train | select | spin | recipe | demo`` (also ``python -m minorsft``).
+"""Command line: ``minorsft train | select | spin | recipe | plot | demo`` (also ``python -m minorsft``).
 
 A thin layer: each command's flags are generated from its config dataclass (one flag per
 field, with its default and help: :class:`~minorsft.train.TrainConfig`,
@@ -49,13 +49,23 @@ def config_class(command: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``minorsft`` parser: ``train``, ``select``, ``spin``, ``recipe`` and ``demo``."""
+    """The ``minorsft`` parser: ``train``, ``select``, ``spin``, ``recipe``, ``plot`` and ``demo``."""
     parser = argparse.ArgumentParser(
         prog="minorsft", description="Fine-tune causal LMs with the fused SFT / MinorSFT / DPO / MinorDPO losses.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command, (help_text, description) in COMMANDS.items():
         add_arguments(sub.add_parser(command, help=help_text, description=description),
                       config_class(command))
+    pl = sub.add_parser(
+        "plot", help="draw training runs' metrics.jsonl as a PNG",
+        description="Draw the metrics of one or more training runs against the step: the "
+                    "training loss, held-out cross-entropy, exact match and deviation (those the "
+                    "runs recorded), one colour per run, training as lines, evaluations as markers.")
+    pl.add_argument("runs", nargs="+", metavar="RUN",
+                    help="a run's output folder (train's --out-dir) or its metrics.jsonl")
+    pl.add_argument("--out", default=None,
+                    help="the PNG to write (default: metrics.png beside the first RUN's metrics.jsonl)")
+    pl.add_argument("--title", default=None, help="a title above the panels")
     dm = sub.add_parser(
         "demo", help="SFT vs MinorSFT fine-tuning a trained tiny model on new tasks",
         description="Train the built-in tiny model on task family A (cached), fine-tune it on "
@@ -130,6 +140,13 @@ def _pipeline(command: str, cfg) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plot":
+        from minorsft.train.plots import plot_metrics
+        try:
+            print(plot_metrics(args.runs, args.out, title=args.title))
+        except ValueError as e:   # a run without metrics.jsonl, nothing to draw
+            return _error("plot", e)
+        return 0
     if args.command == "demo":
         from minorsft.demo import run_demo
         run_demo(out_dir=args.out_dir, seed=args.seed)

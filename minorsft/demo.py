@@ -30,6 +30,8 @@ import os
 import shutil
 import time
 
+from minorsft.train.checkpoint import atomic_write
+from minorsft.train.manifest import sha256_file
 from minorsft.train.tiny import TASK_FAMILIES
 
 LRS = (2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2)  # x2 steps; brackets both methods' best
@@ -64,7 +66,7 @@ def run_demo(out_dir: str = "runs/demo", *, seed: int = 0, base_steps: int = 400
                 for i, (fam, tasks) in enumerate((("A", tasks_a), ("B", tasks_b)))}
         recipe = dict(tasks=list(tasks_a), steps=base_steps, lr=base_lr, batch_size=batch_size,
                       warmup_steps=20, max_length=MAX_LENGTH, hidden_size=hidden_size, seed=seed,
-                      data_sha256=_sha256(data["A"]["train"]), code_sha256=_source_sha256(),
+                      data_sha256=sha256_file(data["A"]["train"]), code_sha256=_source_sha256(),
                       threads=threads, torch=torch.__version__,
                       device=os.environ.get("MINORSFT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
         setup = dict(base_recipe=recipe, tasks_b=list(tasks_b), methods=list(methods), lrs=list(lrs),
@@ -83,7 +85,7 @@ def run_demo(out_dir: str = "runs/demo", *, seed: int = 0, base_steps: int = 400
                 for method in methods for lr in lrs]
     results = {"setup": setup, "base": base, "rows": rows,
                "summary": summarise(base, rows, min(setup["n_eval"].values()))}
-    _write_json(os.path.join(out_dir, "results.json"), results)
+    atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
     results["plot"] = plot_frontier(results, os.path.join(out_dir, "frontier.png"),
                                     title=f"fine-tuning the base model on {', '.join(tasks_b)}: "
                                           f"learned vs kept, per learning rate")
@@ -119,39 +121,49 @@ def _write_data(out_dir, family, tasks, n_train, n_eval, seed) -> dict:
 
 
 def _base_model(base: str, recipe: dict, data_a: dict, progress: bool, print_fn) -> str:
-    """Stage 0: the base model's folder, ``base/model``; trained unless ``base/recipe.json``
-    holds this recipe's key (written last, so an interrupted stage 0 reruns)."""
-    from minorsft.train import TrainConfig, train
+    """Stage 0: the base model's folder, ``base/model``, reused when it is a finished model
+    (:func:`~minorsft.train.stages.finished_model`: published last, its manifest verifies)
+    whose ``info.json`` holds this recipe's key; otherwise ``base`` is emptied and the
+    model trained in ``base/train`` (from ``base/init``) and published
+    (:func:`~minorsft.train.stages.train_to_model`), so an interrupted stage 0 reruns.
+    The key covers more than the training configuration (the package's source, torch,
+    threads, device), hence this check and not ``train_to_model``'s own."""
+    from minorsft.train import TrainConfig
+    from minorsft.train.stages import finished_model, train_to_model
     from minorsft.train.tiny import save_tiny_model
 
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    model_dir, stamp = os.path.join(base, "model"), os.path.join(base, "recipe.json")
-    if os.path.isdir(model_dir) and os.path.exists(stamp):
-        with open(stamp, encoding="utf-8") as f:
-            if json.load(f).get("key") == key:
-                print_fn(f"stage 0: the base model is cached in {model_dir} (recipe {key})")
-                return model_dir
+    done = finished_model(base)
+    if done is not None and _info(done).get("key") == key:
+        print_fn(f"stage 0: the base model is cached in {done} (recipe {key})")
+        return done
     shutil.rmtree(base, ignore_errors=True)
     print_fn(f"stage 0: training the base model on A, {recipe['steps']} steps (recipe {key})")
     init = save_tiny_model(os.path.join(base, "init"), seed=recipe["seed"],
                            hidden_size=recipe["hidden_size"])
-    out = train(TrainConfig(
-        loss="sft", model=init, data=data_a["train"], out_dir=os.path.join(base, "train"),
-        run_name="stage 0 (A)", max_steps=recipe["steps"], batch_size=recipe["batch_size"],
-        lr=recipe["lr"], warmup_steps=recipe["warmup_steps"], max_length=recipe["max_length"],
-        seed=recipe["seed"], progress=progress))
-    model, tokenizer = _load(out["checkpoint"])
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    for scratch in ("init", "train"):
-        shutil.rmtree(os.path.join(base, scratch))
-    _write_json(stamp, {"key": key, "recipe": recipe})
-    return model_dir
+    cfg = TrainConfig(
+        loss="sft", model=init, data=data_a["train"], run_name="stage 0 (A)",
+        max_steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+        warmup_steps=recipe["warmup_steps"], max_length=recipe["max_length"], seed=recipe["seed"],
+        progress=progress)
+    return train_to_model(cfg, base, info={"key": key, "recipe": recipe}, log=print_fn)["model"]
+
+
+def _info(model_dir: str) -> dict:
+    """The ``info.json`` of a published model (empty when it cannot be read)."""
+    from minorsft.train.stages import INFO
+    try:
+        with open(os.path.join(model_dir, INFO), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _load(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    return AutoModelForCausalLM.from_pretrained(model_dir).float().eval(), AutoTokenizer.from_pretrained(model_dir)
+    """``(model, tokenizer)`` of a Hugging Face folder: the model in fp32, in eval mode."""
+    from minorsft.train.loop import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    return model.eval(), tokenizer
 
 
 def _accuracy(model, tokenizer, path: str) -> float:
@@ -266,11 +278,6 @@ def report(results: dict) -> list:
     return lines
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _source_sha256() -> str:
     """A hash of the package's Python source (``minorsft/**/*.py``): a change to the code
     that trains stage 0 retrains it."""
@@ -280,20 +287,10 @@ def _source_sha256() -> str:
         dirs.sort()
         for name in sorted(f for f in files if f.endswith(".py")):
             path = os.path.join(dirpath, name)
-            h.update(f"{os.path.relpath(path, root)} {_sha256(path)}\n".encode())
+            h.update(f"{os.path.relpath(path, root)} {sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
 def _count(path: str) -> int:
     with open(path, encoding="utf-8") as f:
         return sum(1 for line in f if line.strip())
-
-
-def _write_json(path: str, obj) -> None:
-    """Write ``obj`` as indented JSON through a temporary file and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)

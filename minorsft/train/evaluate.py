@@ -81,11 +81,12 @@ def left_padded(prompts, pad: int):
 
 
 @torch.no_grad()
-def exact_match(model, dataset, tokenizer, *, device, batch_size=32, limit=None) -> float:
-    """Fraction of examples whose greedy continuation of the prompt equals the answer
-    (whitespace-stripped). Examples without ``answer`` / ``prompt_ids`` are skipped."""
+def exact_match(model, dataset, tokenizer, *, device, batch_size: int = 32) -> float:
+    """Fraction (a float in [0, 1]; NaN with no example to score) of ``dataset``'s examples
+    whose greedy continuation of the prompt equals the answer (whitespace-stripped),
+    generated ``batch_size`` prompts at a time on ``device``. Examples without ``answer`` /
+    ``prompt_ids`` are skipped."""
     exs = [e for e in dataset.examples if e.answer is not None and e.prompt_ids]
-    exs = exs[:limit] if limit else exs
     if not exs:
         return float("nan")
     inner = getattr(model, "module", model)

@@ -1,16 +1,51 @@
-"""Plots (matplotlib, headless, written atomically): training metrics vs step per run
-(:func:`plot_runs`), and the demo's frontier of what fine-tuning learned against what it
-kept (:func:`plot_frontier`)."""
+"""Plots (matplotlib, headless, written atomically): training metrics vs step of one or
+more runs (:func:`plot_metrics` reads their ``metrics.jsonl``, ``minorsft plot``;
+:func:`plot_runs` draws records), and the demo's frontier of what fine-tuning learned
+against what it kept (:func:`plot_frontier`)."""
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from minorsft.train.checkpoint import atomic_write
+from minorsft.train.outdir import METRICS
 
 
 def read_metrics(path: str) -> list:
     """The records of a metrics JSONL file (one dict per line)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(runs, path: str | None = None, *, title: str | None = None) -> str:
+    """Draw the ``metrics.jsonl`` of each run in ``runs`` (a list of str: a training run's
+    output folder, or the file itself) into one PNG with :func:`plot_runs`, one colour per
+    run, named by its ``--run-name`` or else its folder (with the folder added where two
+    names are the same). ``path``: the PNG, by default ``metrics.png`` beside the first
+    run's ``metrics.jsonl``. Returns ``path``; ``ValueError`` naming a run without
+    metrics, or when no run holds a metric :func:`plot_runs` draws."""
+    files = [os.path.join(r, METRICS) if os.path.isdir(r) else r for r in runs]
+    found = []
+    for file in files:
+        if not os.path.isfile(file):
+            raise ValueError(f"{file}: no such file (a run's output folder holds {METRICS})")
+        try:
+            recs = read_metrics(file)
+        except ValueError as e:   # not JSON lines
+            raise ValueError(f"{file}: {e}") from None
+        folder = os.path.basename(os.path.dirname(os.path.abspath(file)))
+        found.append((next((r["run"] for r in recs if r.get("run")), folder), file, recs))
+    names = [name for name, _, _ in found]
+    records = [dict(r, run=name if names.count(name) == 1 else f"{name} ({_folder(file)})")
+               for name, file, recs in found for r in recs]
+    path = path or os.path.join(os.path.dirname(os.path.abspath(files[0])), "metrics.png")
+    return plot_runs(records, path, title=title)
+
+
+def _folder(file: str) -> str:
+    """The folder of ``file``, relative to the current one (a label)."""
+    return os.path.relpath(os.path.dirname(os.path.abspath(file)))
 
 
 PANELS = (("loss", "training objective (each run's own loss)"),
@@ -23,14 +58,17 @@ def plot_runs(records: list, path: str, *, panels=PANELS, title: str | None = No
     """Write a PNG with one panel per ``(metric, caption)`` in ``panels``, one colour per
     run; training records are drawn as lines and eval records as markers. ``records``:
     dicts with ``run``, ``split`` ("train" or "eval"), ``step`` and metric keys (as
-    :func:`minorsft.train.train` writes them). Panels without data are left out.
-    Returns ``path``."""
+    :func:`minorsft.train.train` writes them; ``null`` values are gaps). Panels without
+    data are left out; ``ValueError`` when none has any. Returns ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = list(dict.fromkeys(r.get("run", "run") for r in records))
+    keys = [k for k, _ in panels]
     panels = [(k, c) for k, c in panels if any(k in r for r in records)]
+    if not panels:
+        raise ValueError(f"no metric to plot: the records hold none of {keys}")
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
@@ -57,18 +95,18 @@ def _label(ax, xlabel: str, ylabel: str, caption: str) -> None:
 
 
 def _save(fig, path: str, title: str | None) -> str:
-    """Write ``fig`` (with ``title`` above it) to ``path`` as a PNG through a temporary
-    file and a rename; close it."""
+    """Write ``fig`` (with ``title`` above it) to ``path`` as a PNG with
+    :func:`~minorsft.train.checkpoint.atomic_write`, creating its folder; close it."""
     import matplotlib.pyplot as plt
 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, png.getvalue())
     return path
 
 

@@ -24,6 +24,8 @@ import os
 import random
 import string
 
+from minorsft.train.checkpoint import atomic_write
+
 # One token per character; role markers are special tokens.
 _CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " +-*=?:.,!'\"()\n"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -197,13 +199,11 @@ def synthetic_rows(n: int, *, seed: int = 0, tasks=("add", "rev", "up")):
 
 
 def write_jsonl(path: str, rows) -> str:
-    """Write ``rows`` (dicts) as UTF-8 JSON lines; atomic (temp file + rename)."""
+    """Write ``rows`` (an iterable of JSON-serialisable dicts) to ``path`` as UTF-8 JSON
+    lines, creating its folder, with :func:`~minorsft.train.checkpoint.atomic_write`
+    (readers see the old file or the whole new one). Returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
 
 

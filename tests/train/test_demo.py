@@ -78,8 +78,9 @@ def test_rerun_reuses_the_base_model_and_repeats_exactly(demo):
 
 def test_a_new_base_recipe_retrains_the_base_model(tmp_path, demo):
     shutil.copytree(demo[0] / "base", tmp_path / "base")
-    key = json.loads((tmp_path / "base" / "recipe.json").read_text())["key"]
+    info = tmp_path / "base" / "model" / "info.json"   # the published base model's record
+    key = json.loads(info.read_text())["key"]
     _, other, lines = _run(tmp_path, base_steps=20, lrs=(1e-3,), methods=("sft",))
     assert any("training the base model" in line for line in lines)
-    assert json.loads((tmp_path / "base" / "recipe.json").read_text())["key"] != key
+    assert json.loads(info.read_text())["key"] != key
     assert other["setup"]["base_recipe"]["steps"] == 20
