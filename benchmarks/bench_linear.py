@@ -45,8 +45,6 @@ from benchmarks import eager
 from benchmarks import utils as U
 from benchmarks.bench_logprobs import BETA, Unavailable, batch_shape, fmt_row, time_mode
 
-BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
-ALL_CASES = BASE_CASES + tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
 PROVIDERS = ("minorsft", "minorsft_torch", "gemms", "eager", "compile", "liger", "cce", "torch_lce", "trl")
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384)
@@ -54,10 +52,6 @@ HIDDEN = 4096
 TINY = dict(vocabs=(1000, 3001), tokens=(64,), hidden=64)
 RTOL = 5e-2
 TRL_CHUNK = 32768      # TRL's own default vocabulary chunk for ChunkedLogProbFunction
-
-
-def base_case(case: str) -> str:
-    return case[: -len(U.REF_LOGPS_SUFFIX)] if case.endswith(U.REF_LOGPS_SUFFIX) else case
 
 
 class LInputs:
@@ -72,9 +66,9 @@ class LInputs:
             2.0 / math.sqrt(hidden))
         self.labels = torch.randint(0, vocab, (b, t), generator=gen, device=device)
         self.ref_hidden = self.ref_logprobs = None
-        if case.endswith(U.REF_LOGPS_SUFFIX):
+        if U.ref_kind(case) == "logprobs":
             self.ref_logprobs = torch.rand(b, t, generator=gen, device=device).mul_(-3.0 * math.log(vocab))
-        elif case in U.REF_LOGITS_CASES:
+        elif U.ref_kind(case) == "logits":
             self.ref_hidden = torch.randn(b, t, hidden, generator=gen, device=device, dtype=dtype)
         self.grad_out = torch.randn(b, t, generator=gen, device=device)
         self.hidden.requires_grad_(True)
@@ -112,7 +106,7 @@ def reference_output(case: str, inp: LInputs, max_chunk_bytes: int = 2**30) -> t
 
     tok = tok_of(inp.hidden.detach())
     ref_tok = tok_of(inp.ref_hidden) if inp.ref_hidden is not None else inp.ref_logprobs
-    return eager.loss_from_token_logprobs(base_case(case), tok, inp.labels != eager.IGNORE_INDEX, ref_tok, BETA)
+    return eager.loss_from_token_logprobs(U.base_case(case), tok, inp.labels != eager.IGNORE_INDEX, ref_tok, BETA)
 
 
 def gemm_times(inp: LInputs, mode: str, device, args):
@@ -145,7 +139,7 @@ _COMPILED: Dict[str, Callable] = {}
 
 
 def loss_fn_for(provider: str, case: str, inp: LInputs) -> Callable[[], torch.Tensor]:
-    base = base_case(case)
+    base = U.base_case(case)
     h, w, y = inp.hidden, inp.weight, inp.labels
     n_h = h.shape[-1]
     if provider in ("minorsft", "minorsft_torch"):
@@ -224,7 +218,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
-    p.add_argument("--cases", type=csv, default=list(BASE_CASES), help=f"comma list of {ALL_CASES}")
+    p.add_argument("--cases", type=csv, default=list(U.BASE_CASES), help=f"comma list of {U.ALL_CASES}")
     p.add_argument("--modes", type=csv, default=["fwd_bwd"])
     p.add_argument("--providers", type=csv, default=list(PROVIDERS))
     p.add_argument("--vocabs", type=ints, default=None)
@@ -242,7 +236,7 @@ def parse_args(argv=None):
     args.vocabs = args.vocabs or list(TINY["vocabs"] if args.tiny else VOCABS)
     args.tokens = args.tokens or list(TINY["tokens"] if args.tiny else TOKENS)
     args.hidden = args.hidden or (TINY["hidden"] if args.tiny else HIDDEN)
-    for name, vals, allowed in (("cases", args.cases, ALL_CASES), ("modes", args.modes, U.MODES),
+    for name, vals, allowed in (("cases", args.cases, U.ALL_CASES), ("modes", args.modes, U.MODES),
                                 ("providers", args.providers, PROVIDERS)):
         bad = [v for v in vals if v not in allowed]
         if bad:
@@ -289,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     times, peak, err = gemm_times(inp, mode, device, args)
                                 else:
                                     fn = loss_fn_for(provider, case, inp)
-                                    g = inp.grad_out if base_case(case) == "token_logprobs" else None
+                                    g = inp.grad_out if U.base_case(case) == "token_logprobs" else None
                                     times, peak, err = time_mode(fn, mode, [inp.hidden, inp.weight], g,
                                                                  ref_out, device, args, rtol=RTOL)
                             except Unavailable as exc:

@@ -56,9 +56,6 @@ import torch
 from benchmarks import eager
 from benchmarks import utils as U
 
-BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
-REFLOGPS_CASES = tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
-ALL_CASES = BASE_CASES + REFLOGPS_CASES
 # --goal runs every case, the issue-4 goal cases first (a time budget may cut the tail)
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps", "sft", "token_logprobs",
               "dpo", "dpo_reflogps")
@@ -93,17 +90,6 @@ class Inputs:
     grad_out: torch.Tensor
 
 
-def base_case(case: str) -> str:
-    return case[: -len(U.REF_LOGPS_SUFFIX)] if case.endswith(U.REF_LOGPS_SUFFIX) else case
-
-
-def ref_kind(case: str) -> Optional[str]:
-    """``"logits"``, ``"logprobs"`` or ``None`` (no reference)."""
-    if case.endswith(U.REF_LOGPS_SUFFIX):
-        return "logprobs"
-    return "logits" if case in U.REF_LOGITS_CASES else None
-
-
 def batch_shape(tokens: int) -> Tuple[int, int]:
     """``(B, T)`` with ``B * T = tokens``, ``T = min(1024, tokens / 2)``, ``B`` even."""
     seq = min(1024, tokens // 2)
@@ -120,7 +106,7 @@ def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: 
     logits = torch.randn(b, t, vocab, generator=gen, device=device, dtype=dtype).mul_(LOGIT_SCALE)
     labels = torch.randint(0, vocab, (b, t), generator=gen, device=device)
     ref_logits = ref_logprobs = None
-    kind = ref_kind(case)
+    kind = U.ref_kind(case)
     if kind == "logits":
         ref_logits = torch.randn(b, t, vocab, generator=gen, device=device, dtype=dtype).mul_(LOGIT_SCALE)
     elif kind == "logprobs":
@@ -133,7 +119,7 @@ def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: 
 
 def input_bytes(case: str, tokens: int, vocab: int, elem: int) -> int:
     """Bytes of the vocabulary-sized inputs plus one gradient buffer of the logits."""
-    n_vocab_tensors = 2 + (1 if ref_kind(case) == "logits" else 0)
+    n_vocab_tensors = 2 + (1 if U.ref_kind(case) == "logits" else 0)
     return n_vocab_tensors * tokens * vocab * elem
 
 
@@ -161,7 +147,7 @@ def reference_output(case: str, inp: Inputs, max_chunk_bytes: int = 2**30,
         ref_tok = tok_of(inp.ref_logits)
     elif inp.ref_logprobs is not None:
         ref_tok = cut(inp.ref_logprobs)
-    return eager.loss_from_token_logprobs(base_case(case), tok, mask, ref_tok, BETA)
+    return eager.loss_from_token_logprobs(U.base_case(case), tok, mask, ref_tok, BETA)
 
 
 def check_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-3) -> Optional[str]:
@@ -242,7 +228,7 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
 
     Raises ``Unavailable`` when the provider's library is missing or cannot run here.
     """
-    base = base_case(case)
+    base = U.base_case(case)
     ref = {}
     if inp.ref_logits is not None:
         ref = {"ref_logits": inp.ref_logits}
@@ -327,7 +313,7 @@ def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: Dict[bool
         return None, None, f"unavailable: {exc}"[:300]
     shift = provider == "minorsft_shift"
     g = inp.grad_out[:, :-1] if shift else inp.grad_out
-    g = g if base_case(case) == "token_logprobs" else None
+    g = g if U.base_case(case) == "token_logprobs" else None
     leaves = getattr(fn_fwd, "leaves", [inp.logits])
     return time_mode(fn_fwd, mode, leaves, g, ref_out[shift], device, args,
                      setup=getattr(fn_fwd, "setup", None))
@@ -382,9 +368,9 @@ def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.
 
 
 def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Tensor], args) -> Dict[str, tuple]:
-    """``{provider: (times, error)}`` on the CPU, the providers timed round-robin (one call
-    each per round, ``cpu_reps`` rounds after a warm-up round), so that a change of load
-    on a shared machine falls on all of them alike. Each is checked first."""
+    """``{provider: (times, error)}`` on the CPU, the providers timed round-robin by
+    ``utils.host_times_ms`` (``cpu_reps`` rounds after a warm-up round). Each is checked
+    first."""
     calls, out = {}, {}
     for provider in args.providers:
         if not applicable(provider, case, mode):
@@ -392,7 +378,7 @@ def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Te
         try:
             fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
             shift = provider == "minorsft_shift"
-            g = (inp.grad_out[:, :-1] if shift else inp.grad_out) if base_case(case) == "token_logprobs" else None
+            g = (inp.grad_out[:, :-1] if shift else inp.grad_out) if U.base_case(case) == "token_logprobs" else None
             fn, bad = prepared(fn_fwd, mode, g, ref_out[shift], setup=getattr(fn_fwd, "setup", None))
         except Unavailable as exc:
             fn, bad = None, f"unavailable: {exc}"[:300]
@@ -402,19 +388,8 @@ def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Te
             out[provider] = (None, bad)
         else:
             calls[provider] = (fn, getattr(fn_fwd, "setup", None), getattr(fn_fwd, "leaves", [inp.logits]))
-    times = {p: [] for p in calls}
-    for rnd in range(args.cpu_reps + 1):
-        for provider, (fn, setup, leaves) in calls.items():
-            if setup is not None:
-                setup()
-            for t in leaves:
-                t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            if rnd:
-                times[provider].append((time.perf_counter() - t0) * 1e3)
-    for provider, ts in times.items():
-        out[provider] = (U.quantiles(ts), None)
+    for provider, times in U.host_times_ms(calls, args.cpu_reps).items():
+        out[provider] = (times, None)
     return out
 
 
@@ -452,7 +427,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
     p.add_argument("--cases", type=csv, default=None,
-                   help=f"comma list of {ALL_CASES} (default: the first five; --goal: all)")
+                   help=f"comma list of {U.ALL_CASES} (default: the first five; --goal: all)")
     p.add_argument("--modes", type=csv, default=list(U.MODES))
     p.add_argument("--providers", type=csv, default=list(PROVIDERS))
     p.add_argument("--vocabs", type=ints, default=None, help=f"default {VOCABS} (--tiny {TINY_VOCABS})")
@@ -489,17 +464,17 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     elif args.goal:
         vocabs, tokens, fp32, cases = [GOAL_SHAPE[0]], [GOAL_SHAPE[1]], [], list(GOAL_CASES)
     elif args.tiny:
-        vocabs, tokens, cases = list(TINY_VOCABS), list(TINY_TOKENS), list(BASE_CASES)
+        vocabs, tokens, cases = list(TINY_VOCABS), list(TINY_TOKENS), list(U.BASE_CASES)
         fp32 = [f"{TINY_FP32_SHAPE[0]}x{TINY_FP32_SHAPE[1]}"]
     else:
-        vocabs, tokens, cases = list(VOCABS), list(TOKENS), list(BASE_CASES)
+        vocabs, tokens, cases = list(VOCABS), list(TOKENS), list(U.BASE_CASES)
         fp32 = [f"{FP32_SHAPE[0]}x{FP32_SHAPE[1]}"]
     args.vocabs = args.vocabs if args.vocabs is not None else vocabs
     args.tokens = args.tokens if args.tokens is not None else tokens
     args.cases = args.cases if args.cases is not None else cases
     args.fp32_shapes = args.fp32_shapes if args.fp32_shapes is not None else fp32
     args.fp32_shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.fp32_shapes]
-    for name, vals, allowed in (("cases", args.cases, ALL_CASES), ("modes", args.modes, U.MODES),
+    for name, vals, allowed in (("cases", args.cases, U.ALL_CASES), ("modes", args.modes, U.MODES),
                                 ("providers", args.providers, PROVIDERS), ("dtypes", args.dtypes, tuple(U.DTYPES))):
         bad = [v for v in vals if v not in allowed]
         if bad:

@@ -3,8 +3,9 @@
 Measurement rules (issue 4):
 - time: median and 20th/80th percentiles of ``triton.testing.do_bench`` on CUDA (device
   events, L2 flushed between runs); on CPU (the Triton interpreter, for validating the
-  harness only) a host-clock fallback with the same return shape. CPU numbers are not
-  performance figures.
+  harness only) a host-clock fallback with the same return shape (``host_times_ms``, which
+  also times several providers round-robin). Interpreter numbers are not performance
+  figures; the PyTorch backend's (``--cpu``) are the CPU's.
 - memory: the peak of ``torch.cuda.max_memory_allocated`` during one call *minus* what
   was allocated before it (the inputs, and for ``bwd`` the saved forward state); ``None``
   on CPU.
@@ -24,7 +25,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +38,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # "_reflogps" variants take precomputed reference token log-probs instead ([N] fp32).
 REF_LOGITS_CASES = ("minor_sft", "minor_dpo", "dpo")
 REF_LOGPS_SUFFIX = "_reflogps"
+BASE_CASES = ("token_logprobs", "sft") + REF_LOGITS_CASES
+ALL_CASES = BASE_CASES + tuple(c + REF_LOGPS_SUFFIX for c in REF_LOGITS_CASES)
+
+
+def base_case(case: str) -> str:
+    """The loss of a case name: ``minor_sft_reflogps`` -> ``minor_sft``."""
+    return case[: -len(REF_LOGPS_SUFFIX)] if case.endswith(REF_LOGPS_SUFFIX) else case
+
+
+def ref_kind(case: str) -> Optional[str]:
+    """What reference a case reads: ``"logits"`` (a live reference: ``[B, T, V]`` logits,
+    or ``[B, T, H]`` hidden states on the linear path), ``"logprobs"`` (precomputed token
+    log-probs ``[B, T]``) or ``None`` (no reference)."""
+    if case.endswith(REF_LOGPS_SUFFIX):
+        return "logprobs"
+    return "logits" if case in REF_LOGITS_CASES else None
 
 
 def interpreter() -> bool:
@@ -130,10 +147,9 @@ def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int) 
     """
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}, expected one of {MODES}")
-    base = case[: -len(REF_LOGPS_SUFFIX)] if case.endswith(REF_LOGPS_SUFFIX) else case
-    if base not in ("token_logprobs", "sft") + REF_LOGITS_CASES:
+    if case not in ALL_CASES:
         raise ValueError(f"case: unknown {case!r}")
-    ref_rows = 1 if (base in REF_LOGITS_CASES and not case.endswith(REF_LOGPS_SUFFIX)) else 0
+    ref_rows = 1 if ref_kind(case) == "logits" else 0
     fwd = (1 + ref_rows) * vocab * elem_bytes
     bwd = 2 * vocab * elem_bytes
     per_token = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
@@ -197,8 +213,8 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float
 
     CUDA: ``triton.testing.do_bench`` (events, L2 flushed, ``grad_to_none`` reset
     between runs so backward writes fresh gradients rather than accumulating); with
-    ``setup``, the same method with ``setup()`` run untimed before every call. CPU: one
-    warm-up call, then ``cpu_reps`` host-timed calls.
+    ``setup``, the same method with ``setup()`` run untimed before every call. CPU:
+    :func:`host_times_ms` of this one call.
     """
     if device.type == "cuda" and setup is not None:
         return _cuda_bench_with_setup(fn, setup, warmup_ms, rep_ms, grad_to_none)
@@ -207,19 +223,33 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float
         res = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                       quantiles=[0.5, 0.2, 0.8])
         return [float(x) for x in res]
-    times = []
-    for i in range(cpu_reps + 1):
-        if setup is not None:
-            setup()
-        if grad_to_none:
-            for t in grad_to_none:
+    return host_times_ms({"fn": (fn, setup, grad_to_none)}, cpu_reps)["fn"]
+
+
+Timed = Tuple[Callable[[], object], Optional[Callable[[], object]], Optional[Sequence[torch.Tensor]]]
+
+
+def host_times_ms(calls: Dict[str, Timed], reps: int) -> Dict[str, List[float]]:
+    """Host-clock ``{name: [median, p20, p80]}`` ms of several calls timed round-robin.
+
+    ``calls``: ``{name: (fn, setup, grad_to_none)}``. One untimed warm-up round, then
+    ``reps`` rounds of one call of each, so that a change of load on a shared machine
+    falls on all of them alike. Before every call, untimed: ``setup()`` (when given),
+    then ``.grad = None`` on each of ``grad_to_none``. The only host timing loop of the
+    benchmarks (``bench_ms`` on a CPU is this with one call).
+    """
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for rnd in range(reps + 1):
+        for name, (fn, setup, grad_to_none) in calls.items():
+            if setup is not None:
+                setup()
+            for t in grad_to_none or ():
                 t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        dt = (time.perf_counter() - t0) * 1e3
-        if i > 0:
-            times.append(dt)
-    return quantiles(times)
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: quantiles(ts) for name, ts in times.items()}
 
 
 def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,

@@ -138,3 +138,58 @@ def test_plot_goal_table_ratios():
     lines = plot.goal_table(res)
     row = [ln for ln in lines if ln.startswith("| minor_sft ")]
     assert row == ["| minor_sft | 10.000 | 80.0 | 4.00x | 1.50x | 1.000 | 0.010 |"], lines
+
+
+# --------------------------------------------------------------------------- shared facts and timing
+def test_shared_facts_live_in_utils():
+    """Case names and their parsing are stated once, in utils (the scripts use those)."""
+    from benchmarks import bench_linear as L, bench_logprobs as B
+
+    for mod in (B, L):
+        for name in ("base_case", "ref_kind", "BASE_CASES", "ALL_CASES"):
+            assert getattr(mod, name, getattr(U, name)) is getattr(U, name), (mod.__name__, name)
+    assert U.base_case("minor_dpo_reflogps") == "minor_dpo" and U.base_case("sft") == "sft"
+    assert [U.ref_kind(c) for c in ("sft", "dpo", "dpo_reflogps")] == [None, "logits", "logprobs"]
+
+
+def test_host_times_round_robin_setup_untimed():
+    """One warm-up round, then rounds of one call each; setup and grad reset are not timed."""
+    import time
+
+    log = []
+
+    def call(n):
+        return (lambda: log.append(("call", n)), lambda: (log.append(("setup", n)), time.sleep(0.05)), None)
+
+    res = U.host_times_ms({"a": call("a"), "b": call("b")}, 2)
+    assert log == [(k, n) for _ in range(3) for n in "ab" for k in ("setup", "call")]
+    assert set(res) == {"a", "b"}
+    assert all(len(v) == 3 and v[0] < 25.0 for v in res.values()), res
+
+
+def _tiny_inputs(case="sft"):
+    from benchmarks import bench_logprobs as B
+
+    return B.make_inputs(case, 8, 16, torch.float32, torch.device("cpu"), 0)
+
+
+def _side_by_side_args(providers, reps=2):
+    import argparse
+
+    return argparse.Namespace(providers=list(providers), no_label_check=False, cpu_reps=reps)
+
+
+def test_side_by_side_times_through_utils(monkeypatch):
+    """The round-robin CPU comparison uses the one timing loop of utils, every provider in it."""
+    from benchmarks import bench_logprobs as B
+
+    inp = _tiny_inputs()
+    fwd = lambda: inp.logits.float().logsumexp(-1).sum()  # noqa: E731
+    monkeypatch.setattr(B, "loss_fn_for", lambda provider, case, inp, nlc=False: fwd)
+    seen = []
+    real = U.host_times_ms
+    monkeypatch.setattr(U, "host_times_ms", lambda calls, reps: (seen.append((sorted(calls), reps)), real(calls, reps))[1])
+    ref = fwd().detach()
+    out = B.side_by_side("sft", "fwd", inp, {False: ref, True: ref}, _side_by_side_args(["minorsft", "eager"]))
+    assert seen == [(["eager", "minorsft"], 2)]
+    assert set(out) == {"minorsft", "eager"} and all(err is None for _, err in out.values())
