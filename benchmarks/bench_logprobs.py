@@ -28,8 +28,9 @@ Providers (``--providers``):
 - ``trl``: ``trl.kernels.selective_log_softmax_and_entropy`` for the token log-probs
   (policy and reference), then the same loss formula on ``[B, T]``
 
-Modes: ``fwd`` (forward with gradients enabled, as in training), ``bwd`` (backward only,
-the forward graph kept with ``retain_graph``), ``fwd_bwd``. Before timing, each
+Modes: ``fwd`` (forward with gradients enabled, as in training), ``bwd`` (backward only:
+each timed call is the one backward of a graph whose forward ran untimed just before it,
+``utils.BackwardOnly``), ``fwd_bwd``. Before timing, each
 provider's forward output is checked against a chunked fp32 eager reference on the same
 inputs; a mismatch, an exception or an out-of-memory is recorded as a row with an
 ``error`` field, never dropped. A provider whose package is missing gets rows with
@@ -217,9 +218,7 @@ def _compiled(base: str) -> Callable:
             if hasattr(cfg, name):
                 setattr(cfg, name, max(64, getattr(cfg, name)))
         fn = _eager_token_logprobs if base == "token_logprobs" else eager.LOSSES[base]
-        # the bwd mode reruns one backward with retain_graph=True, which donated buffers forbid
-        torch._functorch.config.donated_buffer = False
-        _COMPILED[base] = torch.compile(fn)
+        _COMPILED[base] = torch.compile(fn)       # torch's defaults, as users run it
     return _COMPILED[base]
 
 
@@ -320,23 +319,29 @@ def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: Dict[bool
 
 
 def prepared(fn_fwd: Callable[[], torch.Tensor], mode: str, g: Optional[torch.Tensor],
-             ref_out: torch.Tensor, rtol: float = 1e-3,
-             setup: Optional[Callable[[], object]] = None) -> Tuple[Optional[Callable], Optional[str]]:
-    """``(fn, error)``: check ``fn_fwd()`` against ``ref_out`` (one warm-up call, compiles
-    included), then the zero-argument call that ``mode`` times; ``error`` if it disagrees."""
+             ref_out: torch.Tensor, rtol: float = 1e-3, setup: Optional[Callable[[], object]] = None
+             ) -> Tuple[Optional[Callable], Optional[Callable[[], object]], Optional[str]]:
+    """``(fn, setup, error)``: check ``fn_fwd()`` against ``ref_out`` (one warm-up call,
+    compiles included, and for ``bwd``/``fwd_bwd`` one warm-up backward), then the
+    zero-argument call that ``mode`` times and the untimed ``setup`` to run before each
+    call: ``fwd`` ``fn_fwd``; ``bwd`` a :class:`utils.BackwardOnly` (its setup runs a fresh
+    forward, the call that graph's one backward); ``fwd_bwd`` ``fn_fwd().backward(g)``.
+    ``g``: the upstream gradient of a non-scalar output (``[B, T]``), ``None`` for a loss;
+    ``setup``: the provider's own (e.g. refilling a buffer an in-place call overwrote)."""
     if setup is not None:
         setup()
     out = fn_fwd()
     bad = check_close(out, ref_out, rtol)
     if bad:
-        return None, bad
+        return None, None, bad
     if mode == "fwd":
-        return fn_fwd, None
+        return fn_fwd, setup, None
+    out.backward(g)                       # warm the backward (compiles it), then drop the graph
+    del out
     if mode == "bwd":
-        out.backward(g, retain_graph=True)    # warm the backward
-        return (lambda: out.backward(g, retain_graph=True)), None
-    out.backward(g)
-    return (lambda: fn_fwd().backward(g)), None
+        call = U.BackwardOnly(fn_fwd, g, setup)
+        return call, call.setup, None
+    return (lambda: fn_fwd().backward(g)), setup, None
 
 
 def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.Tensor],
@@ -351,7 +356,7 @@ def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.
     Exceptions (OOM included) become the error string.
     """
     try:
-        fn, bad = prepared(fn_fwd, mode, g, ref_out, rtol, setup)
+        fn, setup, bad = prepared(fn_fwd, mode, g, ref_out, rtol, setup)
         if bad:
             return None, None, bad
         for t in leaves:
@@ -379,7 +384,7 @@ def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Te
             fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
             shift = provider == "minorsft_shift"
             g = (inp.grad_out[:, :-1] if shift else inp.grad_out) if U.base_case(case) == "token_logprobs" else None
-            fn, bad = prepared(fn_fwd, mode, g, ref_out[shift], setup=getattr(fn_fwd, "setup", None))
+            fn, setup, bad = prepared(fn_fwd, mode, g, ref_out[shift], setup=getattr(fn_fwd, "setup", None))
         except Unavailable as exc:
             fn, bad = None, f"unavailable: {exc}"[:300]
         except Exception as exc:  # noqa: BLE001
@@ -387,7 +392,7 @@ def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Te
         if bad:
             out[provider] = (None, bad)
         else:
-            calls[provider] = (fn, getattr(fn_fwd, "setup", None), getattr(fn_fwd, "leaves", [inp.logits]))
+            calls[provider] = (fn, setup, getattr(fn_fwd, "leaves", [inp.logits]))
     for provider, times in U.host_times_ms(calls, args.cpu_reps).items():
         out[provider] = (times, None)
     return out

@@ -6,6 +6,8 @@ Measurement rules (issue 4):
   harness only) a host-clock fallback with the same return shape (``host_times_ms``, which
   also times several providers round-robin). Interpreter numbers are not performance
   figures; the PyTorch backend's (``--cpu``) are the CPU's.
+- modes: ``fwd`` times the forward with gradients enabled; ``bwd`` one backward of a graph
+  built by an untimed forward just before it (``BackwardOnly``); ``fwd_bwd`` both.
 - memory: the peak of ``torch.cuda.max_memory_allocated`` during one call *minus* what
   was allocated before it (the inputs, and for ``bwd`` the saved forward state); ``None``
   on CPU.
@@ -250,6 +252,36 @@ def host_times_ms(calls: Dict[str, Timed], reps: int) -> Dict[str, List[float]]:
             if rnd:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: quantiles(ts) for name, ts in times.items()}
+
+
+class BackwardOnly:
+    """The ``bwd`` mode's timed call: one backward of one forward graph.
+
+    ``setup()`` (untimed; the timing loops run it before every call) drops the previous
+    graph, runs the provider's own ``setup`` (if any), then one forward ``fn_fwd()``;
+    the call runs that graph's backward once (``out.backward(g)``, no ``retain_graph``,
+    so the saved tensors are freed as training frees them) and drops it. At most one of
+    this provider's graphs is alive, and none once its backward ran, whatever else is
+    being timed beside it. ``g``: the upstream gradient of a non-scalar output (shape of
+    the output, e.g. ``[B, T]``), ``None`` for a scalar loss.
+    """
+
+    def __init__(self, fn_fwd: Callable[[], torch.Tensor], g: Optional[torch.Tensor] = None,
+                 setup: Optional[Callable[[], object]] = None):
+        self.fn_fwd, self.g, self.provider_setup = fn_fwd, g, setup
+        self.out: Optional[torch.Tensor] = None
+
+    def setup(self) -> None:
+        self.out = None
+        if self.provider_setup is not None:
+            self.provider_setup()
+        self.out = self.fn_fwd()
+
+    def __call__(self) -> None:
+        out, self.out = self.out, None
+        if out is None:
+            raise RuntimeError("BackwardOnly: call setup() before every timed call")
+        out.backward(self.g)
 
 
 def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,

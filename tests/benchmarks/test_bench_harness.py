@@ -193,3 +193,64 @@ def test_side_by_side_times_through_utils(monkeypatch):
     out = B.side_by_side("sft", "fwd", inp, {False: ref, True: ref}, _side_by_side_args(["minorsft", "eager"]))
     assert seen == [(["eager", "minorsft"], 2)]
     assert set(out) == {"minorsft", "eager"} and all(err is None for _, err in out.values())
+
+
+class _GraphSpy:
+    """A forward whose graph records, in its backward, its own number and how many of the
+    spy's graphs are alive (a graph dies with its last reference)."""
+
+    def __init__(self, x):
+        self.x, self.alive, self.seq, self.backwards = x, 0, 0, []
+        spy = self
+
+        class Marker:
+            def __init__(self):
+                spy.seq += 1
+                spy.alive += 1
+                self.seq = spy.seq
+
+            def __del__(self):
+                spy.alive -= 1
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                ctx.marker = Marker()
+                return x.float().logsumexp(-1).sum()
+
+            @staticmethod
+            def backward(ctx, g):
+                spy.backwards.append((ctx.marker.seq, spy.alive))
+                return torch.zeros_like(spy.x)
+
+        self.fn = Fn
+
+    def __call__(self):
+        return self.fn.apply(self.x)
+
+
+def test_bwd_mode_times_one_backward_of_one_graph(monkeypatch):
+    """bwd: every timed call is the backward of a graph of its own, built untimed, and no
+    other graph of any provider is alive meanwhile (side by side and alone)."""
+    import argparse
+
+    from benchmarks import bench_logprobs as B
+
+    inp = _tiny_inputs()
+    spies = {p: _GraphSpy(inp.logits) for p in ("minorsft", "eager")}
+    monkeypatch.setattr(B, "loss_fn_for", lambda provider, case, inp, nlc=False: spies[provider])
+    ref = inp.logits.detach().float().logsumexp(-1).sum()
+    out = B.side_by_side("sft", "bwd", inp, {False: ref, True: ref}, _side_by_side_args(spies, reps=3))
+    assert all(err is None for _, err in out.values()), out
+    for spy in spies.values():
+        seqs = [s for s, _ in spy.backwards]
+        assert len(seqs) == 1 + 1 + 3 and len(set(seqs)) == len(seqs), spy.backwards   # check + warm-up + reps
+        assert sum(s.alive for s in spies.values()) == 0
+        assert all(alive == 1 for _, alive in spy.backwards), spy.backwards
+
+    alone = _GraphSpy(inp.logits)
+    args = argparse.Namespace(warmup_ms=1.0, rep_ms=1.0, cpu_reps=3)
+    times, _, err = B.time_mode(alone, "bwd", [inp.logits], None, ref, torch.device("cpu"), args)
+    assert err is None and times[0] > 0
+    seqs = [s for s, _ in alone.backwards]
+    assert len(set(seqs)) == len(seqs) == 1 + 1 + 3 and all(a == 1 for _, a in alone.backwards)
