@@ -13,9 +13,10 @@ weight, or precomputed reference token log-probs (``*_reflogps``).
 
 Providers: ``minorsft`` (``minorsft.linear.linear_*``: cuBLAS GEMMs on chunks folded by
 the Triton kernel; a scalar loss forms its gradient in the forward), ``minorsft_torch``
-(the same driver with the PyTorch fold), ``gemms`` (the three plain GEMMs of the shape,
-``h W^T``, ``G W``, ``G^T h``, in the input dtype: the bar for the fused path; ``fwd`` is the
-first, ``bwd`` the other two; not checked, it computes no loss), ``eager`` (``hidden @ W^T``
+(the same driver with the PyTorch fold), ``gemms`` (the plain GEMMs of the shape in the
+input dtype, ``h W^T``, ``h_ref W^T`` with a live reference, ``G W``, ``G^T h``: the bar for
+the fused path, ``fwd_bwd`` rows only, see ``gemm_call``; not checked, it computes no
+loss), ``eager`` (``hidden @ W^T``
 in the input dtype, then the fp32 eager loss of ``benchmarks/eager.py``), ``compile``
 (``torch.compile`` of that), ``liger`` (``LigerFusedLinearCrossEntropyLoss`` for sft,
 ``LigerFusedLinearDPOLoss`` for dpo), ``cce`` (``cut_cross_entropy.linear_cross_entropy``,
@@ -109,25 +110,49 @@ def reference_output(case: str, inp: LInputs, max_chunk_bytes: int = 2**30) -> t
     return eager.loss_from_token_logprobs(U.base_case(case), tok, inp.labels != eager.IGNORE_INDEX, ref_tok, BETA)
 
 
-def gemm_times(inp: LInputs, mode: str, device, args):
-    """``(times, peak, None)`` of the plain GEMMs of the shape (see ``gemms`` above)."""
+def gemm_call(inp: LInputs) -> Tuple[Callable[[], object], int]:
+    """``(fn, flops)``: the plain GEMMs of a fused linear ``fwd_bwd`` on this case's shapes,
+    in the input dtype, the floor of the path's matrix work (the ``gemms`` row):
+
+    - ``z = h W^T`` ``[N, V]`` (the logits, N = B * T rows of ``h [N, H]``, ``W [V, H]``);
+    - with a live reference (``ref_hidden``), ``z_ref = h_ref W_ref^T`` ``[N, V]``, no
+      gradient (the benchmark's reference head ``W_ref`` is the policy's ``W``, frozen);
+    - ``dH = G W`` ``[N, H]`` and ``dW = G^T h`` ``[V, H]``, ``G`` ``[N, V]`` standing for the
+      logits' gradient (the buffer ``z``: same shape and dtype, values immaterial).
+
+    ``flops``: ``2 N H V`` per GEMM, ``6 N H V`` without a live reference, ``8 N H V``
+    with one. Not counted: the softmax fold (bandwidth, not GEMMs), precomputed reference
+    log-probs (no reference GEMM), and the fourth GEMM (a recompute of ``z``) that the fused
+    path pays for per-token outputs and sequences longer than a chunk: this is the floor.
+    ``fn`` writes ``z`` and ``z_ref`` into buffers allocated here, outside the timed call.
+    """
     h = inp.hidden.detach().reshape(-1, inp.hidden.shape[-1])
     w = inp.weight.detach()
-    z = h @ w.t()                                  # the logits-sized operand G of the backward
+    z = h @ w.t()
+    gemms = [lambda: torch.mm(h, w.t(), out=z)]
+    if inp.ref_hidden is not None:
+        h_ref = inp.ref_hidden.reshape(-1, inp.ref_hidden.shape[-1])
+        z_ref = torch.empty_like(z)
+        gemms.append(lambda: torch.mm(h_ref, w.t(), out=z_ref))
+    gemms += [lambda: torch.mm(z, w), lambda: torch.mm(z.t(), h)]
+    n, hid = h.shape
+    return (lambda: [mm() for mm in gemms]), 2 * n * hid * w.shape[0] * len(gemms)
 
-    def fwd():
-        return torch.mm(h, w.t(), out=z)
 
-    def bwd():
-        return torch.mm(z, w), torch.mm(z.t(), h)
-
-    fn = {"fwd": fwd, "bwd": bwd, "fwd_bwd": lambda: (fwd(), bwd())}[mode]
+def gemm_times(inp: LInputs, device, args):
+    """``(times, peak, None)`` of :func:`gemm_call` (the ``gemms`` row, ``fwd_bwd`` only)."""
+    fn = gemm_call(inp)[0]
     fn()
     times = U.bench_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
     return times, U.peak_mem_delta_mib(fn, device), None
 
 
-def applicable(provider: str, case: str) -> bool:
+def applicable(provider: str, case: str, mode: str) -> bool:
+    """Combinations that exist at all (others are not rows, not failures). ``gemms`` is
+    the matching work of ``fwd_bwd`` only (the fused path forms the gradient in its
+    forward, so its ``fwd`` and ``bwd`` have no plain-GEMM counterpart)."""
+    if provider == "gemms":
+        return mode == "fwd_bwd"
     if provider in ("cce", "torch_lce"):
         return case == "sft"
     if provider == "liger":
@@ -271,16 +296,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     skip = f"reference failed: {U.error_text(exc)}"
                 U.free_memory(device)
                 for provider in args.providers:
-                    if not applicable(provider, case):
-                        continue
-                    for mode in args.modes:
+                    for mode in [m for m in args.modes if applicable(provider, case, m)]:
                         err, times, peak = skip, None, None
                         if not skip:
                             try:
                                 inp = LInputs(case, tokens, vocab, args.hidden, dtype, device, args.seed)
                                 if provider == "gemms":
                                     fn = None
-                                    times, peak, err = gemm_times(inp, mode, device, args)
+                                    times, peak, err = gemm_times(inp, device, args)
                                 else:
                                     fn = loss_fn_for(provider, case, inp)
                                     g = inp.grad_out if U.base_case(case) == "token_logprobs" else None

@@ -254,3 +254,31 @@ def test_bwd_mode_times_one_backward_of_one_graph(monkeypatch):
     assert err is None and times[0] > 0
     seqs = [s for s, _ in alone.backwards]
     assert len(set(seqs)) == len(seqs) == 1 + 1 + 3 and all(a == 1 for _, a in alone.backwards)
+
+
+# --------------------------------------------------------------------------- linear path: the gemms row
+@pytest.mark.parametrize("case, n_gemms", [("minor_dpo", 4), ("minor_dpo_reflogps", 3), ("sft", 3)])
+def test_gemms_row_counts_the_reference_gemm(case, n_gemms):
+    """The plain-GEMM floor does the GEMMs of the case: h W^T, (h_ref W^T with a live
+    reference), G W, G^T h; counted by torch's FLOP counter, not by the harness's own sum."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import bench_linear as L
+
+    inp = L.LInputs(case, 32, 100, 16, torch.float32, torch.device("cpu"), 0)
+    fn, flops = L.gemm_call(inp)
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    assert counter.get_total_flops() == flops == n_gemms * 2 * 32 * 16 * 100
+
+
+def test_gemms_row_only_for_fwd_bwd(tmp_path):
+    """No gemms row for fwd or bwd (the fused path has no plain-GEMM counterpart there)."""
+    from benchmarks import bench_linear as L
+
+    out = tmp_path / "gemms.json"
+    L.main(["--tiny", "--vocabs", "100", "--tokens", "32", "--hidden", "16", "--cases", "minor_dpo,sft",
+            "--providers", "gemms", "--modes", "fwd,bwd,fwd_bwd", "--cpu-reps", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["case"], r["mode"]) for r in rows) == [("linear_minor_dpo", "fwd_bwd"), ("linear_sft", "fwd_bwd")]
+    assert all("error" not in r for r in rows), rows
