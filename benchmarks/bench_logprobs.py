@@ -23,10 +23,17 @@ Providers (``--providers``):
   leaf would make autograd clone the gradient). The "layer" is a no-op autograd node over
   a buffer refilled from the inputs before every call, outside the timed region.
 - ``eager``: fp32 ``log_softmax`` + ``gather`` + loss (``benchmarks/eager.py``)
+- ``eager_shift``: the same on ``logits[:, :-1]``, ``labels[:, 1:]`` as users write the
+  shift (autograd's slice backward zero-fills a second ``[B, T, V]`` buffer): what
+  ``minorsft_shift`` replaces, scored on the same positions
 - ``compile``: ``torch.compile`` of that same eager function
 - ``liger``: Liger-Kernel's ``LigerCrossEntropyLoss`` (``sft`` only)
 - ``trl``: ``trl.kernels.selective_log_softmax_and_entropy`` for the token log-probs
   (policy and reference), then the same loss formula on ``[B, T]``
+
+A row's ``tokens`` is the number of positions it scores (``B * T``; ``B * (T - 1)`` for
+the shift providers) and its ``floor_ms`` the byte floor of that work (``row_tokens``,
+``row_floor_ms``).
 
 Modes: ``fwd`` (forward with gradients enabled, as in training), ``bwd`` (backward only:
 each timed call is the one backward of a graph whose forward ran untimed just before it,
@@ -60,7 +67,8 @@ from benchmarks import utils as U
 # --goal runs every case, the issue-4 goal cases first (a time budget may cut the tail)
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps", "sft", "token_logprobs",
               "dpo", "dpo_reflogps")
-PROVIDERS = ("minorsft", "minorsft_shift", "minorsft_inplace", "eager", "compile", "liger", "trl")
+PROVIDERS = ("minorsft", "minorsft_shift", "minorsft_inplace", "eager", "eager_shift", "compile", "liger", "trl")
+SHIFT_PROVIDERS = ("minorsft_shift", "eager_shift")   # score T - 1 positions a sequence
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384, 65536)
 FP32_SHAPE = (128256, 4096)           # (vocab, tokens): the one fp32 shape
@@ -97,6 +105,37 @@ def batch_shape(tokens: int) -> Tuple[int, int]:
     if seq < 1 or tokens % seq or (tokens // seq) % 2:
         raise ValueError(f"tokens: {tokens} must split into an even number of sequences of {seq}")
     return tokens // seq, seq
+
+
+def is_shift(provider: str) -> bool:
+    """Whether the provider scores the shifted positions (HF labels, ``T - 1`` a sequence)."""
+    return provider in SHIFT_PROVIDERS
+
+
+def row_tokens(provider: str, tokens: int) -> int:
+    """A row's ``tokens`` field: the positions ``provider`` scores on ``tokens = B * T``
+    input rows: ``B * T``, or ``B * (T - 1)`` for a shift provider."""
+    if not is_shift(provider):
+        return tokens
+    b, t = batch_shape(tokens)
+    return b * (t - 1)
+
+
+def row_floor_ms(case: str, mode: str, provider: str, tokens: int, vocab: int, elem: int,
+                 bandwidth: Optional[float]) -> Optional[float]:
+    """A row's ``floor_ms``: the byte floor of its scored rows (``row_tokens``); the backward
+    writes the gradient of all ``tokens`` input rows (with shift the last position's is a
+    row of zeros, which must still be written)."""
+    nbytes = U.floor_bytes(case, mode, row_tokens(provider, tokens), vocab, elem, grad_rows=tokens)
+    return U.floor_ms(nbytes, bandwidth)
+
+
+def upstream_grad(provider: str, case: str, inp: "Inputs") -> Optional[torch.Tensor]:
+    """The upstream gradient of ``token_logprobs``' output (``[B, T]``, ``[B, T - 1]`` with
+    shift); ``None`` for the losses (scalars)."""
+    if U.base_case(case) != "token_logprobs":
+        return None
+    return inp.grad_out[:, :-1] if is_shift(provider) else inp.grad_out
 
 
 def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: torch.device,
@@ -258,15 +297,18 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
             return run
         return lambda: fn(logits, labels, **kw)
 
-    if provider in ("eager", "compile"):
+    if provider in ("eager", "eager_shift", "compile"):
+        # eager_shift: the slices as users write them, inside the call (their backward is timed)
+        cut = (lambda x: x[:, :-1]) if provider == "eager_shift" else (lambda x: x)  # noqa: E731
+        labels = labels[:, 1:] if provider == "eager_shift" else labels
         if base == "token_logprobs":
-            fn = _eager_token_logprobs if provider == "eager" else _compiled(base)
-            return lambda: fn(logits, labels)
-        fn = eager.LOSSES[base] if provider == "eager" else _compiled(base)
-        kw = dict(ref)
+            fn = _compiled(base) if provider == "compile" else _eager_token_logprobs
+            return lambda: fn(cut(logits), labels)
+        fn = _compiled(base) if provider == "compile" else eager.LOSSES[base]
+        kw = {k: cut(v) for k, v in ref.items()}
         if base in U.REF_LOGITS_CASES:
             kw["beta"] = BETA
-        return lambda: fn(logits, labels, **kw)
+        return lambda: fn(cut(logits), labels, **kw)
 
     if provider == "liger":
         try:
@@ -310,11 +352,9 @@ def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: Dict[bool
         fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
     except Unavailable as exc:
         return None, None, f"unavailable: {exc}"[:300]
-    shift = provider == "minorsft_shift"
-    g = inp.grad_out[:, :-1] if shift else inp.grad_out
-    g = g if U.base_case(case) == "token_logprobs" else None
     leaves = getattr(fn_fwd, "leaves", [inp.logits])
-    return time_mode(fn_fwd, mode, leaves, g, ref_out[shift], device, args,
+    return time_mode(fn_fwd, mode, leaves, upstream_grad(provider, case, inp), ref_out[is_shift(provider)],
+                     device, args,
                      setup=getattr(fn_fwd, "setup", None))
 
 
@@ -382,9 +422,8 @@ def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Te
             continue
         try:
             fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
-            shift = provider == "minorsft_shift"
-            g = (inp.grad_out[:, :-1] if shift else inp.grad_out) if U.base_case(case) == "token_logprobs" else None
-            fn, setup, bad = prepared(fn_fwd, mode, g, ref_out[shift], setup=getattr(fn_fwd, "setup", None))
+            fn, setup, bad = prepared(fn_fwd, mode, upstream_grad(provider, case, inp), ref_out[is_shift(provider)],
+                                      setup=getattr(fn_fwd, "setup", None))
         except Unavailable as exc:
             fn, bad = None, f"unavailable: {exc}"[:300]
         except Exception as exc:  # noqa: BLE001
@@ -495,12 +534,13 @@ def run_cpu(args, results, path: str, bw: Optional[float]) -> int:
         for case in args.cases:
             inp = make_inputs(case, tokens, vocab, U.DTYPES[dt], device, args.seed)
             ref_out = {False: reference_output(case, inp)}
-            if "minorsft_shift" in args.providers:
+            if any(is_shift(p) for p in args.providers):
                 ref_out[True] = reference_output(case, inp, shift=True)
             for mode in args.modes:
-                floor = U.floor_ms(U.floor_bytes(case, mode, tokens, vocab, elem), bw)
                 for provider, (times, err) in side_by_side(case, mode, inp, ref_out, args).items():
-                    row = U.make_row(case, provider, mode, dt, tokens, vocab, times, None, floor, error=err)
+                    floor = row_floor_ms(case, mode, provider, tokens, vocab, elem, bw)
+                    row = U.make_row(case, provider, mode, dt, row_tokens(provider, tokens), vocab, times, None,
+                                     floor, error=err)
                     U.add_row(results, row)
                     U.write_results(path, results)
                     print(fmt_row(row), flush=True)
@@ -547,7 +587,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             combos = [(p, m) for p in args.providers for m in args.modes if applicable(p, case, m)]
             if args.skip_existing:
                 done = {U.row_key(r) for r in results["rows"] if "error" not in r}
-                combos = [(p, m) for p, m in combos if (case, p, m, dt, tokens, vocab) not in done]
+                combos = [(p, m) for p, m in combos if (case, p, m, dt, row_tokens(p, tokens), vocab) not in done]
                 if not combos:
                     continue
             need, free = input_bytes(case, tokens, vocab, elem), U.free_bytes(device)
@@ -558,16 +598,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 try:
                     inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
                     ref_out = {False: reference_output(case, inp)}
-                    if "minorsft_shift" in args.providers:
+                    if any(is_shift(p) for p in args.providers):
                         ref_out[True] = reference_output(case, inp, shift=True)
                     del inp
                 except Exception as exc:  # noqa: BLE001
                     skip = f"reference failed: {U.error_text(exc)}"
                 U.free_memory(device)
             for provider, mode in combos:
-                floor = U.floor_ms(U.floor_bytes(case, mode, tokens, vocab, elem), bw)
+                floor = row_floor_ms(case, mode, provider, tokens, vocab, elem, bw)
+                n_row = row_tokens(provider, tokens)
                 if skip:
-                    row = U.make_row(case, provider, mode, dt, tokens, vocab, None, None, floor, error=skip)
+                    row = U.make_row(case, provider, mode, dt, n_row, vocab, None, None, floor, error=skip)
                 else:
                     try:
                         inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
@@ -576,7 +617,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if inp is not None:
                         res = measure(provider, case, mode, inp, ref_out, device, args)
                     times, peak, err = res
-                    row = U.make_row(case, provider, mode, dt, tokens, vocab, times, peak, floor, error=err)
+                    row = U.make_row(case, provider, mode, dt, n_row, vocab, times, peak, floor, error=err)
                     inp = None
                     U.free_memory(device)
                 U.add_row(results, row)

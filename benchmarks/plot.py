@@ -23,7 +23,14 @@ from benchmarks.utils import TOP_KEYS, check_schema
 
 GOAL = {"dtype": "bf16", "vocab": 128256, "tokens": 16384, "mode": "fwd_bwd"}
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps")
-PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "minorsft_torch", "eager", "compile", "liger", "trl", "cce", "torch_lce")
+PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "minorsft_torch", "eager", "compile", "liger", "trl", "cce", "torch_lce",
+                  "minorsft_shift", "eager_shift", "gemms")
+
+
+def eager_counterpart(provider: str) -> str:
+    """The eager provider a row is compared with: ``eager_shift`` for the shift providers
+    (same scored positions, same ``tokens``), else ``eager``."""
+    return "eager_shift" if provider.endswith("_shift") else "eager"
 
 
 def load(path: str) -> Dict[str, object]:
@@ -83,7 +90,8 @@ def goal_table(res: Dict[str, object]) -> List[str]:
 
 
 def full_table(res: Dict[str, object]) -> List[str]:
-    """Markdown lines: every row, grouped by shape and case, with % of floor and speed-up vs eager."""
+    """Markdown lines: every row, grouped by shape and case, with % of floor and speed-up vs
+    its eager counterpart (``eager_counterpart``)."""
     rows = res["rows"]
     idx = _index(rows)
     order = {p: i for i, p in enumerate(PROVIDER_ORDER)}
@@ -95,7 +103,7 @@ def full_table(res: Dict[str, object]) -> List[str]:
     for r in rows:
         t = r["ms_median"]
         pct = _f(100 * r["floor_ms"] / t, "{:.1f}") if t and r["floor_ms"] else ""
-        e = idx.get((r["case"], "eager", r["mode"], r["dtype"], r["tokens"], r["vocab"]))
+        e = idx.get((r["case"], eager_counterpart(r["provider"]), r["mode"], r["dtype"], r["tokens"], r["vocab"]))
         speed = f"{e['ms_median'] / t:.2f}x" if t and e and e["ms_median"] else ""
         spread = f"{_f(r['ms_p20'])}-{_f(r['ms_p80'])}" if t else ""
         err = str(r.get("error", "")).replace("|", "/")[:80]

@@ -126,8 +126,14 @@ def default_result_path(results_dir: str, device: str, sha: str, when: Optional[
 
 
 # --------------------------------------------------------------------------- bytes
-def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int) -> int:
+def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int,
+                grad_rows: Optional[int] = None) -> int:
     """Fewest device-memory bytes a fused kernel must move, SPEC.md section 4.
+
+    ``tokens``: the scored rows (each read in the forward and again in the backward);
+    ``grad_rows``: the rows of the logits gradient written in the backward (default
+    ``tokens``; with ``shift=True`` it is ``B * T`` for ``B * (T - 1)`` scored rows, the
+    last position's gradient being a row of zeros that must still be written).
 
     Per token, with ``e`` bytes per logit element and vocabulary ``V``:
 
@@ -151,11 +157,12 @@ def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int) 
         raise ValueError(f"mode: got {mode!r}, expected one of {MODES}")
     if case not in ALL_CASES:
         raise ValueError(f"case: unknown {case!r}")
+    grad_rows = tokens if grad_rows is None else grad_rows
     ref_rows = 1 if ref_kind(case) == "logits" else 0
-    fwd = (1 + ref_rows) * vocab * elem_bytes
-    bwd = 2 * vocab * elem_bytes
-    per_token = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
-    return per_token * tokens
+    row = vocab * elem_bytes
+    fwd = (1 + ref_rows) * row * tokens
+    bwd = row * tokens + row * grad_rows
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
 def floor_ms(nbytes: int, copy_bandwidth_gbs: Optional[float]) -> Optional[float]:

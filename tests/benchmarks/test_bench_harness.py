@@ -34,6 +34,15 @@ def test_floor_bytes_fwd_bwd_matches_spec(case, per_token_bf16):
     assert U.floor_bytes(case, "fwd_bwd", tokens, vocab, 4) == 2 * per_token_bf16 * vocab * tokens
 
 
+def test_floor_bytes_grad_rows():
+    """With shift the backward writes more gradient rows (the zero row of the last position)
+    than it reads; the forward reads the scored rows only."""
+    v, e = 1000, 2
+    assert U.floor_bytes("minor_sft", "fwd", 30, v, e, grad_rows=32) == U.floor_bytes("minor_sft", "fwd", 30, v, e)
+    assert U.floor_bytes("sft", "bwd", 30, v, e, grad_rows=32) == (30 + 32) * v * e
+    assert U.floor_bytes("sft", "bwd", 30, v, e) == 2 * 30 * v * e
+
+
 def test_floor_bytes_rejects_unknown_names():
     with pytest.raises(ValueError, match="mode"):
         U.floor_bytes("sft", "fwd+bwd", 1, 1, 2)
@@ -58,7 +67,7 @@ def test_tiny_run_writes_schema(tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--tiny", "--vocabs", "1000", "--tokens", "32",
            "--cases", "minor_sft", "--modes", "fwd_bwd",
-           "--providers", "minorsft,minorsft_shift,minorsft_inplace,eager,liger",
+           "--providers", "minorsft,minorsft_shift,minorsft_inplace,eager,eager_shift,liger",
            "--fp32-shapes", "", "--cpu-reps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -68,16 +77,19 @@ def test_tiny_run_writes_schema(tmp_path):
     assert res["copy_bandwidth_gbs"] > 0
     rows = {r["provider"]: r for r in res["rows"]}
     # liger does not apply to minor_sft: no row at all (not a failure); the others measured
-    # (each checked against the fp32 eager formula first: the shift drop-in against the
-    # sliced formula, the in-place one on layer-fed logits)
-    assert set(rows) == {"minorsft", "minorsft_shift", "minorsft_inplace", "eager"}, res["rows"]
+    # (each checked against the fp32 eager formula first: the shift drop-in and eager on
+    # the sliced logits against the sliced formula, the in-place one on layer-fed logits)
+    assert set(rows) == {"minorsft", "minorsft_shift", "minorsft_inplace", "eager", "eager_shift"}, res["rows"]
     for provider, row in rows.items():
         assert set(row) == set(U.ROW_KEYS), (provider, row)          # no "error" key: it ran
+        # 32 tokens = 2 sequences of 16; with shift 2 x 15 positions are scored (and read),
+        # while the backward still writes the gradient of all 32 rows
+        scored = 30 if provider.endswith("_shift") else 32
         assert (row["case"], row["mode"], row["dtype"], row["tokens"], row["vocab"]) == (
-            "minor_sft", "fwd_bwd", "bf16", 32, 1000)
+            "minor_sft", "fwd_bwd", "bf16", scored, 1000)
         assert 0 < row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
-        expect_floor = U.floor_bytes("minor_sft", "fwd_bwd", 32, 1000, 2) / (res["copy_bandwidth_gbs"] * 1e9) * 1e3
-        assert row["floor_ms"] == pytest.approx(expect_floor, rel=1e-3)
+        nbytes = (2 + 1) * scored * 1000 * 2 + 32 * 1000 * 2   # policy + reference + backward read, grad write
+        assert row["floor_ms"] == pytest.approx(nbytes / (res["copy_bandwidth_gbs"] * 1e9) * 1e3, rel=1e-3)
         assert (row["peak_mem_delta_mib"] is None) == (not torch.cuda.is_available())
 
 
@@ -282,3 +294,14 @@ def test_gemms_row_only_for_fwd_bwd(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["case"], r["mode"]) for r in rows) == [("linear_minor_dpo", "fwd_bwd"), ("linear_sft", "fwd_bwd")]
     assert all("error" not in r for r in rows), rows
+
+
+def test_plot_compares_shift_rows_with_eager_shift():
+    """A shift row's speed-up is against eager on the sliced logits (same scored tokens)."""
+    from benchmarks import plot
+
+    res = U.new_results("test-gpu", "nogit", 3000.0)
+    for provider, tokens, ms in (("eager", 64, 8.0), ("eager_shift", 62, 12.0), ("minorsft_shift", 62, 3.0)):
+        U.add_row(res, U.make_row("sft", provider, "fwd_bwd", "bf16", tokens, 1000, [ms, ms, ms], None, 1.0))
+    line = [ln for ln in plot.full_table(res) if "| minorsft_shift |" in ln]
+    assert len(line) == 1 and "| 4.00x |" in line[0], line
