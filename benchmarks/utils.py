@@ -12,7 +12,8 @@ Measurement rules (issue 4):
   was allocated before it (the inputs, and for ``bwd`` the saved forward state); ``None``
   on CPU.
 - floor: the bytes of SPEC.md section 4 (``floor_bytes``) over a device-to-device copy
-  bandwidth measured in the same run (``copy_bandwidth_gbs``, bytes read + written).
+  bandwidth measured in the same run (``copy_bandwidth_gbs``: a ``COPY_BYTES`` = 1 GiB
+  copy on every device, bytes read + written).
 - results: one JSON per run with exactly the schema of issue 4 (``write_results``); a
   failed row carries one extra key, ``error``.
 """
@@ -42,6 +43,11 @@ REF_LOGITS_CASES = ("minor_sft", "minor_dpo", "dpo")
 REF_LOGPS_SUFFIX = "_reflogps"
 BASE_CASES = ("token_logprobs", "sft") + REF_LOGITS_CASES
 ALL_CASES = BASE_CASES + tuple(c + REF_LOGPS_SUFFIX for c in REF_LOGITS_CASES)
+# The copy that measures the bandwidth of the floors, on every device: 1 GiB of fp32, far
+# beyond any cache the data could sit in (an H100/H200's 50/60 MiB L2, a server CPU's L3)
+# and the size of one vocabulary-sized tensor of the shapes measured (the --cpu shape's
+# fp32 logits are 1.05 GB), so the floor is set by device memory, as the kernels are.
+COPY_BYTES = 2**30
 
 
 def base_case(case: str) -> str:
@@ -320,13 +326,14 @@ def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,
 def copy_bandwidth_gbs(device: torch.device, nbytes: Optional[int] = None) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
 
-    CUDA: a 1 GiB fp32 buffer (20x the largest L2 of an H100/H200) copied with
-    ``Tensor.copy_``, median of ``do_bench``. CPU: a 64 MiB host copy (only so the CPU
-    JSON has a value).
+    ``Tensor.copy_`` of an fp32 buffer of ``nbytes`` (default ``COPY_BYTES``, 1 GiB, on
+    every device: see there), median of ``bench_ms`` (``do_bench`` on CUDA, the host clock
+    on a CPU). The buffer repeats a 1 MiB random block: never zeros, and quick to fill.
     """
-    if nbytes is None:
-        nbytes = 2**30 if device.type == "cuda" else 64 * 2**20
-    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)   # random, never zeros
+    nbytes = COPY_BYTES if nbytes is None else nbytes
+    block = torch.randn(min(nbytes // 4, 2**18), dtype=torch.float32, device=device)
+    src = block.repeat(-(-(nbytes // 4) // block.numel()))[: nbytes // 4]
+    del block
     dst = torch.empty_like(src)
     nbytes = src.numel() * 4
     ms = bench_ms(lambda: dst.copy_(src), device, warmup_ms=50, rep_ms=200, cpu_reps=5)[0]

@@ -305,3 +305,14 @@ def test_plot_compares_shift_rows_with_eager_shift():
         U.add_row(res, U.make_row("sft", provider, "fwd_bwd", "bf16", tokens, 1000, [ms, ms, ms], None, 1.0))
     line = [ln for ln in plot.full_table(res) if "| minorsft_shift |" in ln]
     assert len(line) == 1 and "| 4.00x |" in line[0], line
+
+
+def test_copy_bandwidth_size_is_one_and_stated_in_notes(monkeypatch):
+    """The floor's copy is COPY_BYTES (1 GiB) on a CPU as on a GPU, and NOTES.md says so."""
+    monkeypatch.setattr(U, "bench_ms", lambda fn, device, **kw: [1.0, 1.0, 1.0])   # 1 ms a copy
+    bw = U.copy_bandwidth_gbs(torch.device("cpu"))
+    assert bw * 1e9 * 1e-3 / 2 == U.COPY_BYTES == 2**30
+    with open(os.path.join(ROOT, "benchmarks", "NOTES.md"), encoding="utf-8") as f:
+        notes = f.read()
+    stated = notes[notes.index("`copy_bandwidth_gbs` in the JSON"):][:300]
+    assert "`utils.COPY_BYTES` = 1 GiB" in stated and "every device" in stated, stated
