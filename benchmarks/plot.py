@@ -44,6 +44,19 @@ def is_cpu(res: Dict[str, object]) -> bool:
     return str(res["device"]).lower().startswith("cpu")
 
 
+def cpu_note(res: Dict[str, object]) -> Optional[str]:
+    """What a CPU file's times are: the interpreter's (``device`` ``cpu-interpreter``:
+    harness validation, no performance figures) or the PyTorch backend's on that CPU
+    (``cpu (<model>, <n> threads)``, ``bench_logprobs --cpu``); ``None`` for a GPU file."""
+    if not is_cpu(res):
+        return None
+    if str(res["device"]) == "cpu-interpreter":
+        return ("CPU run under the Triton interpreter: this validates the harness only. "
+                "These times are not performance figures and say nothing about GPU speed.")
+    return ("CPU run of the PyTorch backend (`bench_logprobs --cpu`, providers timed round-robin "
+            "on the host clock): figures of this CPU, not of a GPU.")
+
+
 def _f(x: Optional[float], spec: str = "{:.3f}") -> str:
     return "" if x is None else spec.format(x)
 
@@ -164,7 +177,7 @@ def _plot_panels(res, stem: str, out_dir: str, x_key: str, fixed_key: str, y_key
         ax.axis("off")
     label = f"{res['device']} | torch {res['torch']} | triton {res['triton']} | {res['git_sha']}"
     if is_cpu(res):
-        label += " | CPU INTERPRETER: NOT PERFORMANCE FIGURES"
+        label += " | CPU INTERPRETER: NOT PERFORMANCE FIGURES" if res["device"] == "cpu-interpreter" else " | CPU"
     fig.suptitle(f"{title} ({fixed_key} = {fixed}, bf16, fwd_bwd)\n{label}", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, f"{stem}-{fname}.png")
@@ -189,9 +202,8 @@ def render(paths: Sequence[str], out_dir: str) -> str:
                f"device **{res['device']}**, torch {res['torch']}, triton {res['triton']}, git `{res['git_sha']}`, "
                f"{res['timestamp']}, copy bandwidth {_f(res['copy_bandwidth_gbs'], '{:.1f}')} GB/s "
                "(read + write).", ""]
-        if is_cpu(res):
-            md += ["**CPU run under the Triton interpreter: this validates the harness only. "
-                   "These times are not performance figures and say nothing about GPU speed.**", ""]
+        if cpu_note(res):
+            md += [f"**{cpu_note(res)}**", ""]
         goal = goal_table(res)
         if goal:
             md += goal + [""]

@@ -316,3 +316,12 @@ def test_copy_bandwidth_size_is_one_and_stated_in_notes(monkeypatch):
         notes = f.read()
     stated = notes[notes.index("`copy_bandwidth_gbs` in the JSON"):][:300]
     assert "`utils.COPY_BYTES` = 1 GiB" in stated and "every device" in stated, stated
+
+
+def test_plot_labels_cpu_runs_by_kind():
+    """Only the interpreter's files are called harness checks; a --cpu file is the CPU's figures."""
+    from benchmarks import plot
+
+    assert "not performance figures" in plot.cpu_note(U.new_results("cpu-interpreter", "x", 1.0))
+    assert "PyTorch backend" in plot.cpu_note(U.new_results("cpu (AMD EPYC, 2 threads)", "x", 1.0))
+    assert plot.cpu_note(U.new_results("NVIDIA H100 80GB HBM3", "x", 1.0)) is None
