@@ -13,9 +13,10 @@ weight, or precomputed reference token log-probs (``*_reflogps``).
 
 Providers: ``minorsft`` (``minorsft.linear.linear_*``: cuBLAS GEMMs on chunks folded by
 the Triton kernel; a scalar loss forms its gradient in the forward), ``minorsft_torch``
-(the same driver with the PyTorch fold), ``gemms`` (the three plain GEMMs of the shape,
-``h W^T``, ``G W``, ``G^T h``, in the input dtype: the bar for the fused path; ``fwd`` is the
-first, ``bwd`` the other two; not checked, it computes no loss), ``eager`` (``hidden @ W^T``
+(the same driver with the PyTorch fold), ``gemms`` (the plain GEMMs of the shape in the
+input dtype, ``h W^T``, ``h_ref W^T`` with a live reference, ``G W``, ``G^T h``: the bar for
+the fused path, ``fwd_bwd`` rows only, see ``gemm_call``; not checked, it computes no
+loss), ``eager`` (``hidden @ W^T``
 in the input dtype, then the fp32 eager loss of ``benchmarks/eager.py``), ``compile``
 (``torch.compile`` of that), ``liger`` (``LigerFusedLinearCrossEntropyLoss`` for sft,
 ``LigerFusedLinearDPOLoss`` for dpo), ``cce`` (``cut_cross_entropy.linear_cross_entropy``,
@@ -45,8 +46,6 @@ from benchmarks import eager
 from benchmarks import utils as U
 from benchmarks.bench_logprobs import BETA, Unavailable, batch_shape, fmt_row, time_mode
 
-BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
-ALL_CASES = BASE_CASES + tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
 PROVIDERS = ("minorsft", "minorsft_torch", "gemms", "eager", "compile", "liger", "cce", "torch_lce", "trl")
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384)
@@ -54,10 +53,6 @@ HIDDEN = 4096
 TINY = dict(vocabs=(1000, 3001), tokens=(64,), hidden=64)
 RTOL = 5e-2
 TRL_CHUNK = 32768      # TRL's own default vocabulary chunk for ChunkedLogProbFunction
-
-
-def base_case(case: str) -> str:
-    return case[: -len(U.REF_LOGPS_SUFFIX)] if case.endswith(U.REF_LOGPS_SUFFIX) else case
 
 
 class LInputs:
@@ -72,9 +67,9 @@ class LInputs:
             2.0 / math.sqrt(hidden))
         self.labels = torch.randint(0, vocab, (b, t), generator=gen, device=device)
         self.ref_hidden = self.ref_logprobs = None
-        if case.endswith(U.REF_LOGPS_SUFFIX):
+        if U.ref_kind(case) == "logprobs":
             self.ref_logprobs = torch.rand(b, t, generator=gen, device=device).mul_(-3.0 * math.log(vocab))
-        elif case in U.REF_LOGITS_CASES:
+        elif U.ref_kind(case) == "logits":
             self.ref_hidden = torch.randn(b, t, hidden, generator=gen, device=device, dtype=dtype)
         self.grad_out = torch.randn(b, t, generator=gen, device=device)
         self.hidden.requires_grad_(True)
@@ -112,28 +107,52 @@ def reference_output(case: str, inp: LInputs, max_chunk_bytes: int = 2**30) -> t
 
     tok = tok_of(inp.hidden.detach())
     ref_tok = tok_of(inp.ref_hidden) if inp.ref_hidden is not None else inp.ref_logprobs
-    return eager.loss_from_token_logprobs(base_case(case), tok, inp.labels != eager.IGNORE_INDEX, ref_tok, BETA)
+    return eager.loss_from_token_logprobs(U.base_case(case), tok, inp.labels != eager.IGNORE_INDEX, ref_tok, BETA)
 
 
-def gemm_times(inp: LInputs, mode: str, device, args):
-    """``(times, peak, None)`` of the plain GEMMs of the shape (see ``gemms`` above)."""
+def gemm_call(inp: LInputs) -> Tuple[Callable[[], object], int]:
+    """``(fn, flops)``: the plain GEMMs of a fused linear ``fwd_bwd`` on this case's shapes,
+    in the input dtype, the floor of the path's matrix work (the ``gemms`` row):
+
+    - ``z = h W^T`` ``[N, V]`` (the logits, N = B * T rows of ``h [N, H]``, ``W [V, H]``);
+    - with a live reference (``ref_hidden``), ``z_ref = h_ref W_ref^T`` ``[N, V]``, no
+      gradient (the benchmark's reference head ``W_ref`` is the policy's ``W``, frozen);
+    - ``dH = G W`` ``[N, H]`` and ``dW = G^T h`` ``[V, H]``, ``G`` ``[N, V]`` standing for the
+      logits' gradient (the buffer ``z``: same shape and dtype, values immaterial).
+
+    ``flops``: ``2 N H V`` per GEMM, ``6 N H V`` without a live reference, ``8 N H V``
+    with one. Not counted: the softmax fold (bandwidth, not GEMMs), precomputed reference
+    log-probs (no reference GEMM), and the fourth GEMM (a recompute of ``z``) that the fused
+    path pays for per-token outputs and sequences longer than a chunk: this is the floor.
+    ``fn`` writes ``z`` and ``z_ref`` into buffers allocated here, outside the timed call.
+    """
     h = inp.hidden.detach().reshape(-1, inp.hidden.shape[-1])
     w = inp.weight.detach()
-    z = h @ w.t()                                  # the logits-sized operand G of the backward
+    z = h @ w.t()
+    gemms = [lambda: torch.mm(h, w.t(), out=z)]
+    if inp.ref_hidden is not None:
+        h_ref = inp.ref_hidden.reshape(-1, inp.ref_hidden.shape[-1])
+        z_ref = torch.empty_like(z)
+        gemms.append(lambda: torch.mm(h_ref, w.t(), out=z_ref))
+    gemms += [lambda: torch.mm(z, w), lambda: torch.mm(z.t(), h)]
+    n, hid = h.shape
+    return (lambda: [mm() for mm in gemms]), 2 * n * hid * w.shape[0] * len(gemms)
 
-    def fwd():
-        return torch.mm(h, w.t(), out=z)
 
-    def bwd():
-        return torch.mm(z, w), torch.mm(z.t(), h)
-
-    fn = {"fwd": fwd, "bwd": bwd, "fwd_bwd": lambda: (fwd(), bwd())}[mode]
+def gemm_times(inp: LInputs, device, args):
+    """``(times, peak, None)`` of :func:`gemm_call` (the ``gemms`` row, ``fwd_bwd`` only)."""
+    fn = gemm_call(inp)[0]
     fn()
     times = U.bench_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_reps=args.cpu_reps)
     return times, U.peak_mem_delta_mib(fn, device), None
 
 
-def applicable(provider: str, case: str) -> bool:
+def applicable(provider: str, case: str, mode: str) -> bool:
+    """Combinations that exist at all (others are not rows, not failures). ``gemms`` is
+    the matching work of ``fwd_bwd`` only (the fused path forms the gradient in its
+    forward, so its ``fwd`` and ``bwd`` have no plain-GEMM counterpart)."""
+    if provider == "gemms":
+        return mode == "fwd_bwd"
     if provider in ("cce", "torch_lce"):
         return case == "sft"
     if provider == "liger":
@@ -145,7 +164,7 @@ _COMPILED: Dict[str, Callable] = {}
 
 
 def loss_fn_for(provider: str, case: str, inp: LInputs) -> Callable[[], torch.Tensor]:
-    base = base_case(case)
+    base = U.base_case(case)
     h, w, y = inp.hidden, inp.weight, inp.labels
     n_h = h.shape[-1]
     if provider in ("minorsft", "minorsft_torch"):
@@ -224,7 +243,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
-    p.add_argument("--cases", type=csv, default=list(BASE_CASES), help=f"comma list of {ALL_CASES}")
+    p.add_argument("--cases", type=csv, default=list(U.BASE_CASES), help=f"comma list of {U.ALL_CASES}")
     p.add_argument("--modes", type=csv, default=["fwd_bwd"])
     p.add_argument("--providers", type=csv, default=list(PROVIDERS))
     p.add_argument("--vocabs", type=ints, default=None)
@@ -242,7 +261,7 @@ def parse_args(argv=None):
     args.vocabs = args.vocabs or list(TINY["vocabs"] if args.tiny else VOCABS)
     args.tokens = args.tokens or list(TINY["tokens"] if args.tiny else TOKENS)
     args.hidden = args.hidden or (TINY["hidden"] if args.tiny else HIDDEN)
-    for name, vals, allowed in (("cases", args.cases, ALL_CASES), ("modes", args.modes, U.MODES),
+    for name, vals, allowed in (("cases", args.cases, U.ALL_CASES), ("modes", args.modes, U.MODES),
                                 ("providers", args.providers, PROVIDERS)):
         bad = [v for v in vals if v not in allowed]
         if bad:
@@ -277,19 +296,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     skip = f"reference failed: {U.error_text(exc)}"
                 U.free_memory(device)
                 for provider in args.providers:
-                    if not applicable(provider, case):
-                        continue
-                    for mode in args.modes:
+                    for mode in [m for m in args.modes if applicable(provider, case, m)]:
                         err, times, peak = skip, None, None
                         if not skip:
                             try:
                                 inp = LInputs(case, tokens, vocab, args.hidden, dtype, device, args.seed)
                                 if provider == "gemms":
                                     fn = None
-                                    times, peak, err = gemm_times(inp, mode, device, args)
+                                    times, peak, err = gemm_times(inp, device, args)
                                 else:
                                     fn = loss_fn_for(provider, case, inp)
-                                    g = inp.grad_out if base_case(case) == "token_logprobs" else None
+                                    g = inp.grad_out if U.base_case(case) == "token_logprobs" else None
                                     times, peak, err = time_mode(fn, mode, [inp.hidden, inp.weight], g,
                                                                  ref_out, device, args, rtol=RTOL)
                             except Unavailable as exc:

@@ -23,13 +23,21 @@ Providers (``--providers``):
   leaf would make autograd clone the gradient). The "layer" is a no-op autograd node over
   a buffer refilled from the inputs before every call, outside the timed region.
 - ``eager``: fp32 ``log_softmax`` + ``gather`` + loss (``benchmarks/eager.py``)
+- ``eager_shift``: the same on ``logits[:, :-1]``, ``labels[:, 1:]`` as users write the
+  shift (autograd's slice backward zero-fills a second ``[B, T, V]`` buffer): what
+  ``minorsft_shift`` replaces, scored on the same positions
 - ``compile``: ``torch.compile`` of that same eager function
 - ``liger``: Liger-Kernel's ``LigerCrossEntropyLoss`` (``sft`` only)
 - ``trl``: ``trl.kernels.selective_log_softmax_and_entropy`` for the token log-probs
   (policy and reference), then the same loss formula on ``[B, T]``
 
-Modes: ``fwd`` (forward with gradients enabled, as in training), ``bwd`` (backward only,
-the forward graph kept with ``retain_graph``), ``fwd_bwd``. Before timing, each
+A row's ``tokens`` is the number of positions it scores (``B * T``; ``B * (T - 1)`` for
+the shift providers) and its ``floor_ms`` the byte floor of that work (``row_tokens``,
+``row_floor_ms``).
+
+Modes: ``fwd`` (forward with gradients enabled, as in training), ``bwd`` (backward only:
+each timed call is the one backward of a graph whose forward ran untimed just before it,
+``utils.BackwardOnly``), ``fwd_bwd``. Before timing, each
 provider's forward output is checked against a chunked fp32 eager reference on the same
 inputs; a mismatch, an exception or an out-of-memory is recorded as a row with an
 ``error`` field, never dropped. A provider whose package is missing gets rows with
@@ -56,13 +64,11 @@ import torch
 from benchmarks import eager
 from benchmarks import utils as U
 
-BASE_CASES = ("token_logprobs", "sft", "minor_sft", "minor_dpo", "dpo")
-REFLOGPS_CASES = tuple(c + U.REF_LOGPS_SUFFIX for c in U.REF_LOGITS_CASES)
-ALL_CASES = BASE_CASES + REFLOGPS_CASES
 # --goal runs every case, the issue-4 goal cases first (a time budget may cut the tail)
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps", "sft", "token_logprobs",
               "dpo", "dpo_reflogps")
-PROVIDERS = ("minorsft", "minorsft_shift", "minorsft_inplace", "eager", "compile", "liger", "trl")
+PROVIDERS = ("minorsft", "minorsft_shift", "minorsft_inplace", "eager", "eager_shift", "compile", "liger", "trl")
+SHIFT_PROVIDERS = ("minorsft_shift", "eager_shift")   # score T - 1 positions a sequence
 VOCABS = (32000, 128256, 151936, 262144)
 TOKENS = (4096, 16384, 65536)
 FP32_SHAPE = (128256, 4096)           # (vocab, tokens): the one fp32 shape
@@ -93,23 +99,43 @@ class Inputs:
     grad_out: torch.Tensor
 
 
-def base_case(case: str) -> str:
-    return case[: -len(U.REF_LOGPS_SUFFIX)] if case.endswith(U.REF_LOGPS_SUFFIX) else case
-
-
-def ref_kind(case: str) -> Optional[str]:
-    """``"logits"``, ``"logprobs"`` or ``None`` (no reference)."""
-    if case.endswith(U.REF_LOGPS_SUFFIX):
-        return "logprobs"
-    return "logits" if case in U.REF_LOGITS_CASES else None
-
-
 def batch_shape(tokens: int) -> Tuple[int, int]:
     """``(B, T)`` with ``B * T = tokens``, ``T = min(1024, tokens / 2)``, ``B`` even."""
     seq = min(1024, tokens // 2)
     if seq < 1 or tokens % seq or (tokens // seq) % 2:
         raise ValueError(f"tokens: {tokens} must split into an even number of sequences of {seq}")
     return tokens // seq, seq
+
+
+def is_shift(provider: str) -> bool:
+    """Whether the provider scores the shifted positions (HF labels, ``T - 1`` a sequence)."""
+    return provider in SHIFT_PROVIDERS
+
+
+def row_tokens(provider: str, tokens: int) -> int:
+    """A row's ``tokens`` field: the positions ``provider`` scores on ``tokens = B * T``
+    input rows: ``B * T``, or ``B * (T - 1)`` for a shift provider."""
+    if not is_shift(provider):
+        return tokens
+    b, t = batch_shape(tokens)
+    return b * (t - 1)
+
+
+def row_floor_ms(case: str, mode: str, provider: str, tokens: int, vocab: int, elem: int,
+                 bandwidth: Optional[float]) -> Optional[float]:
+    """A row's ``floor_ms``: the byte floor of its scored rows (``row_tokens``); the backward
+    writes the gradient of all ``tokens`` input rows (with shift the last position's is a
+    row of zeros, which must still be written)."""
+    nbytes = U.floor_bytes(case, mode, row_tokens(provider, tokens), vocab, elem, grad_rows=tokens)
+    return U.floor_ms(nbytes, bandwidth)
+
+
+def upstream_grad(provider: str, case: str, inp: "Inputs") -> Optional[torch.Tensor]:
+    """The upstream gradient of ``token_logprobs``' output (``[B, T]``, ``[B, T - 1]`` with
+    shift); ``None`` for the losses (scalars)."""
+    if U.base_case(case) != "token_logprobs":
+        return None
+    return inp.grad_out[:, :-1] if is_shift(provider) else inp.grad_out
 
 
 def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: torch.device,
@@ -120,7 +146,7 @@ def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: 
     logits = torch.randn(b, t, vocab, generator=gen, device=device, dtype=dtype).mul_(LOGIT_SCALE)
     labels = torch.randint(0, vocab, (b, t), generator=gen, device=device)
     ref_logits = ref_logprobs = None
-    kind = ref_kind(case)
+    kind = U.ref_kind(case)
     if kind == "logits":
         ref_logits = torch.randn(b, t, vocab, generator=gen, device=device, dtype=dtype).mul_(LOGIT_SCALE)
     elif kind == "logprobs":
@@ -133,7 +159,7 @@ def make_inputs(case: str, tokens: int, vocab: int, dtype: torch.dtype, device: 
 
 def input_bytes(case: str, tokens: int, vocab: int, elem: int) -> int:
     """Bytes of the vocabulary-sized inputs plus one gradient buffer of the logits."""
-    n_vocab_tensors = 2 + (1 if ref_kind(case) == "logits" else 0)
+    n_vocab_tensors = 2 + (1 if U.ref_kind(case) == "logits" else 0)
     return n_vocab_tensors * tokens * vocab * elem
 
 
@@ -161,7 +187,7 @@ def reference_output(case: str, inp: Inputs, max_chunk_bytes: int = 2**30,
         ref_tok = tok_of(inp.ref_logits)
     elif inp.ref_logprobs is not None:
         ref_tok = cut(inp.ref_logprobs)
-    return eager.loss_from_token_logprobs(base_case(case), tok, mask, ref_tok, BETA)
+    return eager.loss_from_token_logprobs(U.base_case(case), tok, mask, ref_tok, BETA)
 
 
 def check_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-3) -> Optional[str]:
@@ -231,9 +257,7 @@ def _compiled(base: str) -> Callable:
             if hasattr(cfg, name):
                 setattr(cfg, name, max(64, getattr(cfg, name)))
         fn = _eager_token_logprobs if base == "token_logprobs" else eager.LOSSES[base]
-        # the bwd mode reruns one backward with retain_graph=True, which donated buffers forbid
-        torch._functorch.config.donated_buffer = False
-        _COMPILED[base] = torch.compile(fn)
+        _COMPILED[base] = torch.compile(fn)       # torch's defaults, as users run it
     return _COMPILED[base]
 
 
@@ -242,7 +266,7 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
 
     Raises ``Unavailable`` when the provider's library is missing or cannot run here.
     """
-    base = base_case(case)
+    base = U.base_case(case)
     ref = {}
     if inp.ref_logits is not None:
         ref = {"ref_logits": inp.ref_logits}
@@ -273,15 +297,18 @@ def loss_fn_for(provider: str, case: str, inp: Inputs, no_label_check: bool = Fa
             return run
         return lambda: fn(logits, labels, **kw)
 
-    if provider in ("eager", "compile"):
+    if provider in ("eager", "eager_shift", "compile"):
+        # eager_shift: the slices as users write them, inside the call (their backward is timed)
+        cut = (lambda x: x[:, :-1]) if provider == "eager_shift" else (lambda x: x)  # noqa: E731
+        labels = labels[:, 1:] if provider == "eager_shift" else labels
         if base == "token_logprobs":
-            fn = _eager_token_logprobs if provider == "eager" else _compiled(base)
-            return lambda: fn(logits, labels)
-        fn = eager.LOSSES[base] if provider == "eager" else _compiled(base)
-        kw = dict(ref)
+            fn = _compiled(base) if provider == "compile" else _eager_token_logprobs
+            return lambda: fn(cut(logits), labels)
+        fn = _compiled(base) if provider == "compile" else eager.LOSSES[base]
+        kw = {k: cut(v) for k, v in ref.items()}
         if base in U.REF_LOGITS_CASES:
             kw["beta"] = BETA
-        return lambda: fn(logits, labels, **kw)
+        return lambda: fn(cut(logits), labels, **kw)
 
     if provider == "liger":
         try:
@@ -325,32 +352,36 @@ def measure(provider: str, case: str, mode: str, inp: Inputs, ref_out: Dict[bool
         fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
     except Unavailable as exc:
         return None, None, f"unavailable: {exc}"[:300]
-    shift = provider == "minorsft_shift"
-    g = inp.grad_out[:, :-1] if shift else inp.grad_out
-    g = g if base_case(case) == "token_logprobs" else None
     leaves = getattr(fn_fwd, "leaves", [inp.logits])
-    return time_mode(fn_fwd, mode, leaves, g, ref_out[shift], device, args,
+    return time_mode(fn_fwd, mode, leaves, upstream_grad(provider, case, inp), ref_out[is_shift(provider)],
+                     device, args,
                      setup=getattr(fn_fwd, "setup", None))
 
 
 def prepared(fn_fwd: Callable[[], torch.Tensor], mode: str, g: Optional[torch.Tensor],
-             ref_out: torch.Tensor, rtol: float = 1e-3,
-             setup: Optional[Callable[[], object]] = None) -> Tuple[Optional[Callable], Optional[str]]:
-    """``(fn, error)``: check ``fn_fwd()`` against ``ref_out`` (one warm-up call, compiles
-    included), then the zero-argument call that ``mode`` times; ``error`` if it disagrees."""
+             ref_out: torch.Tensor, rtol: float = 1e-3, setup: Optional[Callable[[], object]] = None
+             ) -> Tuple[Optional[Callable], Optional[Callable[[], object]], Optional[str]]:
+    """``(fn, setup, error)``: check ``fn_fwd()`` against ``ref_out`` (one warm-up call,
+    compiles included, and for ``bwd``/``fwd_bwd`` one warm-up backward), then the
+    zero-argument call that ``mode`` times and the untimed ``setup`` to run before each
+    call: ``fwd`` ``fn_fwd``; ``bwd`` a :class:`utils.BackwardOnly` (its setup runs a fresh
+    forward, the call that graph's one backward); ``fwd_bwd`` ``fn_fwd().backward(g)``.
+    ``g``: the upstream gradient of a non-scalar output (``[B, T]``), ``None`` for a loss;
+    ``setup``: the provider's own (e.g. refilling a buffer an in-place call overwrote)."""
     if setup is not None:
         setup()
     out = fn_fwd()
     bad = check_close(out, ref_out, rtol)
     if bad:
-        return None, bad
+        return None, None, bad
     if mode == "fwd":
-        return fn_fwd, None
+        return fn_fwd, setup, None
+    out.backward(g)                       # warm the backward (compiles it), then drop the graph
+    del out
     if mode == "bwd":
-        out.backward(g, retain_graph=True)    # warm the backward
-        return (lambda: out.backward(g, retain_graph=True)), None
-    out.backward(g)
-    return (lambda: fn_fwd().backward(g)), None
+        call = U.BackwardOnly(fn_fwd, g, setup)
+        return call, call.setup, None
+    return (lambda: fn_fwd().backward(g)), setup, None
 
 
 def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.Tensor],
@@ -365,7 +396,7 @@ def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.
     Exceptions (OOM included) become the error string.
     """
     try:
-        fn, bad = prepared(fn_fwd, mode, g, ref_out, rtol, setup)
+        fn, setup, bad = prepared(fn_fwd, mode, g, ref_out, rtol, setup)
         if bad:
             return None, None, bad
         for t in leaves:
@@ -382,18 +413,17 @@ def time_mode(fn_fwd: Callable[[], torch.Tensor], mode: str, leaves: List[torch.
 
 
 def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Tensor], args) -> Dict[str, tuple]:
-    """``{provider: (times, error)}`` on the CPU, the providers timed round-robin (one call
-    each per round, ``cpu_reps`` rounds after a warm-up round), so that a change of load
-    on a shared machine falls on all of them alike. Each is checked first."""
+    """``{provider: (times, error)}`` on the CPU, the providers timed round-robin by
+    ``utils.host_times_ms`` (``cpu_reps`` rounds after a warm-up round). Each is checked
+    first."""
     calls, out = {}, {}
     for provider in args.providers:
         if not applicable(provider, case, mode):
             continue
         try:
             fn_fwd = loss_fn_for(provider, case, inp, args.no_label_check)
-            shift = provider == "minorsft_shift"
-            g = (inp.grad_out[:, :-1] if shift else inp.grad_out) if base_case(case) == "token_logprobs" else None
-            fn, bad = prepared(fn_fwd, mode, g, ref_out[shift], setup=getattr(fn_fwd, "setup", None))
+            fn, setup, bad = prepared(fn_fwd, mode, upstream_grad(provider, case, inp), ref_out[is_shift(provider)],
+                                      setup=getattr(fn_fwd, "setup", None))
         except Unavailable as exc:
             fn, bad = None, f"unavailable: {exc}"[:300]
         except Exception as exc:  # noqa: BLE001
@@ -401,20 +431,9 @@ def side_by_side(case: str, mode: str, inp: Inputs, ref_out: Dict[bool, torch.Te
         if bad:
             out[provider] = (None, bad)
         else:
-            calls[provider] = (fn, getattr(fn_fwd, "setup", None), getattr(fn_fwd, "leaves", [inp.logits]))
-    times = {p: [] for p in calls}
-    for rnd in range(args.cpu_reps + 1):
-        for provider, (fn, setup, leaves) in calls.items():
-            if setup is not None:
-                setup()
-            for t in leaves:
-                t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            if rnd:
-                times[provider].append((time.perf_counter() - t0) * 1e3)
-    for provider, ts in times.items():
-        out[provider] = (U.quantiles(ts), None)
+            calls[provider] = (fn, setup, getattr(fn_fwd, "leaves", [inp.logits]))
+    for provider, times in U.host_times_ms(calls, args.cpu_reps).items():
+        out[provider] = (times, None)
     return out
 
 
@@ -452,7 +471,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
     p.add_argument("--cases", type=csv, default=None,
-                   help=f"comma list of {ALL_CASES} (default: the first five; --goal: all)")
+                   help=f"comma list of {U.ALL_CASES} (default: the first five; --goal: all)")
     p.add_argument("--modes", type=csv, default=list(U.MODES))
     p.add_argument("--providers", type=csv, default=list(PROVIDERS))
     p.add_argument("--vocabs", type=ints, default=None, help=f"default {VOCABS} (--tiny {TINY_VOCABS})")
@@ -489,17 +508,17 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     elif args.goal:
         vocabs, tokens, fp32, cases = [GOAL_SHAPE[0]], [GOAL_SHAPE[1]], [], list(GOAL_CASES)
     elif args.tiny:
-        vocabs, tokens, cases = list(TINY_VOCABS), list(TINY_TOKENS), list(BASE_CASES)
+        vocabs, tokens, cases = list(TINY_VOCABS), list(TINY_TOKENS), list(U.BASE_CASES)
         fp32 = [f"{TINY_FP32_SHAPE[0]}x{TINY_FP32_SHAPE[1]}"]
     else:
-        vocabs, tokens, cases = list(VOCABS), list(TOKENS), list(BASE_CASES)
+        vocabs, tokens, cases = list(VOCABS), list(TOKENS), list(U.BASE_CASES)
         fp32 = [f"{FP32_SHAPE[0]}x{FP32_SHAPE[1]}"]
     args.vocabs = args.vocabs if args.vocabs is not None else vocabs
     args.tokens = args.tokens if args.tokens is not None else tokens
     args.cases = args.cases if args.cases is not None else cases
     args.fp32_shapes = args.fp32_shapes if args.fp32_shapes is not None else fp32
     args.fp32_shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.fp32_shapes]
-    for name, vals, allowed in (("cases", args.cases, ALL_CASES), ("modes", args.modes, U.MODES),
+    for name, vals, allowed in (("cases", args.cases, U.ALL_CASES), ("modes", args.modes, U.MODES),
                                 ("providers", args.providers, PROVIDERS), ("dtypes", args.dtypes, tuple(U.DTYPES))):
         bad = [v for v in vals if v not in allowed]
         if bad:
@@ -515,12 +534,13 @@ def run_cpu(args, results, path: str, bw: Optional[float]) -> int:
         for case in args.cases:
             inp = make_inputs(case, tokens, vocab, U.DTYPES[dt], device, args.seed)
             ref_out = {False: reference_output(case, inp)}
-            if "minorsft_shift" in args.providers:
+            if any(is_shift(p) for p in args.providers):
                 ref_out[True] = reference_output(case, inp, shift=True)
             for mode in args.modes:
-                floor = U.floor_ms(U.floor_bytes(case, mode, tokens, vocab, elem), bw)
                 for provider, (times, err) in side_by_side(case, mode, inp, ref_out, args).items():
-                    row = U.make_row(case, provider, mode, dt, tokens, vocab, times, None, floor, error=err)
+                    floor = row_floor_ms(case, mode, provider, tokens, vocab, elem, bw)
+                    row = U.make_row(case, provider, mode, dt, row_tokens(provider, tokens), vocab, times, None,
+                                     floor, error=err)
                     U.add_row(results, row)
                     U.write_results(path, results)
                     print(fmt_row(row), flush=True)
@@ -567,7 +587,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             combos = [(p, m) for p in args.providers for m in args.modes if applicable(p, case, m)]
             if args.skip_existing:
                 done = {U.row_key(r) for r in results["rows"] if "error" not in r}
-                combos = [(p, m) for p, m in combos if (case, p, m, dt, tokens, vocab) not in done]
+                combos = [(p, m) for p, m in combos if (case, p, m, dt, row_tokens(p, tokens), vocab) not in done]
                 if not combos:
                     continue
             need, free = input_bytes(case, tokens, vocab, elem), U.free_bytes(device)
@@ -578,16 +598,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 try:
                     inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
                     ref_out = {False: reference_output(case, inp)}
-                    if "minorsft_shift" in args.providers:
+                    if any(is_shift(p) for p in args.providers):
                         ref_out[True] = reference_output(case, inp, shift=True)
                     del inp
                 except Exception as exc:  # noqa: BLE001
                     skip = f"reference failed: {U.error_text(exc)}"
                 U.free_memory(device)
             for provider, mode in combos:
-                floor = U.floor_ms(U.floor_bytes(case, mode, tokens, vocab, elem), bw)
+                floor = row_floor_ms(case, mode, provider, tokens, vocab, elem, bw)
+                n_row = row_tokens(provider, tokens)
                 if skip:
-                    row = U.make_row(case, provider, mode, dt, tokens, vocab, None, None, floor, error=skip)
+                    row = U.make_row(case, provider, mode, dt, n_row, vocab, None, None, floor, error=skip)
                 else:
                     try:
                         inp = make_inputs(case, tokens, vocab, dtype, device, args.seed)
@@ -596,7 +617,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if inp is not None:
                         res = measure(provider, case, mode, inp, ref_out, device, args)
                     times, peak, err = res
-                    row = U.make_row(case, provider, mode, dt, tokens, vocab, times, peak, floor, error=err)
+                    row = U.make_row(case, provider, mode, dt, n_row, vocab, times, peak, floor, error=err)
                     inp = None
                     U.free_memory(device)
                 U.add_row(results, row)

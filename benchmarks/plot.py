@@ -23,7 +23,14 @@ from benchmarks.utils import TOP_KEYS, check_schema
 
 GOAL = {"dtype": "bf16", "vocab": 128256, "tokens": 16384, "mode": "fwd_bwd"}
 GOAL_CASES = ("minor_sft", "minor_dpo", "minor_sft_reflogps", "minor_dpo_reflogps")
-PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "minorsft_torch", "eager", "compile", "liger", "trl", "cce", "torch_lce")
+PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "minorsft_torch", "eager", "compile", "liger", "trl", "cce", "torch_lce",
+                  "minorsft_shift", "eager_shift", "gemms")
+
+
+def eager_counterpart(provider: str) -> str:
+    """The eager provider a row is compared with: ``eager_shift`` for the shift providers
+    (same scored positions, same ``tokens``), else ``eager``."""
+    return "eager_shift" if provider.endswith("_shift") else "eager"
 
 
 def load(path: str) -> Dict[str, object]:
@@ -35,6 +42,19 @@ def load(path: str) -> Dict[str, object]:
 
 def is_cpu(res: Dict[str, object]) -> bool:
     return str(res["device"]).lower().startswith("cpu")
+
+
+def cpu_note(res: Dict[str, object]) -> Optional[str]:
+    """What a CPU file's times are: the interpreter's (``device`` ``cpu-interpreter``:
+    harness validation, no performance figures) or the PyTorch backend's on that CPU
+    (``cpu (<model>, <n> threads)``, ``bench_logprobs --cpu``); ``None`` for a GPU file."""
+    if not is_cpu(res):
+        return None
+    if str(res["device"]) == "cpu-interpreter":
+        return ("CPU run under the Triton interpreter: this validates the harness only. "
+                "These times are not performance figures and say nothing about GPU speed.")
+    return ("CPU run of the PyTorch backend (`bench_logprobs --cpu`, providers timed round-robin "
+            "on the host clock): figures of this CPU, not of a GPU.")
 
 
 def _f(x: Optional[float], spec: str = "{:.3f}") -> str:
@@ -83,7 +103,8 @@ def goal_table(res: Dict[str, object]) -> List[str]:
 
 
 def full_table(res: Dict[str, object]) -> List[str]:
-    """Markdown lines: every row, grouped by shape and case, with % of floor and speed-up vs eager."""
+    """Markdown lines: every row, grouped by shape and case, with % of floor and speed-up vs
+    its eager counterpart (``eager_counterpart``)."""
     rows = res["rows"]
     idx = _index(rows)
     order = {p: i for i, p in enumerate(PROVIDER_ORDER)}
@@ -95,7 +116,7 @@ def full_table(res: Dict[str, object]) -> List[str]:
     for r in rows:
         t = r["ms_median"]
         pct = _f(100 * r["floor_ms"] / t, "{:.1f}") if t and r["floor_ms"] else ""
-        e = idx.get((r["case"], "eager", r["mode"], r["dtype"], r["tokens"], r["vocab"]))
+        e = idx.get((r["case"], eager_counterpart(r["provider"]), r["mode"], r["dtype"], r["tokens"], r["vocab"]))
         speed = f"{e['ms_median'] / t:.2f}x" if t and e and e["ms_median"] else ""
         spread = f"{_f(r['ms_p20'])}-{_f(r['ms_p80'])}" if t else ""
         err = str(r.get("error", "")).replace("|", "/")[:80]
@@ -156,7 +177,7 @@ def _plot_panels(res, stem: str, out_dir: str, x_key: str, fixed_key: str, y_key
         ax.axis("off")
     label = f"{res['device']} | torch {res['torch']} | triton {res['triton']} | {res['git_sha']}"
     if is_cpu(res):
-        label += " | CPU INTERPRETER: NOT PERFORMANCE FIGURES"
+        label += " | CPU INTERPRETER: NOT PERFORMANCE FIGURES" if res["device"] == "cpu-interpreter" else " | CPU"
     fig.suptitle(f"{title} ({fixed_key} = {fixed}, bf16, fwd_bwd)\n{label}", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, f"{stem}-{fname}.png")
@@ -181,9 +202,8 @@ def render(paths: Sequence[str], out_dir: str) -> str:
                f"device **{res['device']}**, torch {res['torch']}, triton {res['triton']}, git `{res['git_sha']}`, "
                f"{res['timestamp']}, copy bandwidth {_f(res['copy_bandwidth_gbs'], '{:.1f}')} GB/s "
                "(read + write).", ""]
-        if is_cpu(res):
-            md += ["**CPU run under the Triton interpreter: this validates the harness only. "
-                   "These times are not performance figures and say nothing about GPU speed.**", ""]
+        if cpu_note(res):
+            md += [f"**{cpu_note(res)}**", ""]
         goal = goal_table(res)
         if goal:
             md += goal + [""]

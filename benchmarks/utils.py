@@ -3,13 +3,17 @@
 Measurement rules (issue 4):
 - time: median and 20th/80th percentiles of ``triton.testing.do_bench`` on CUDA (device
   events, L2 flushed between runs); on CPU (the Triton interpreter, for validating the
-  harness only) a host-clock fallback with the same return shape. CPU numbers are not
-  performance figures.
+  harness only) a host-clock fallback with the same return shape (``host_times_ms``, which
+  also times several providers round-robin). Interpreter numbers are not performance
+  figures; the PyTorch backend's (``--cpu``) are the CPU's.
+- modes: ``fwd`` times the forward with gradients enabled; ``bwd`` one backward of a graph
+  built by an untimed forward just before it (``BackwardOnly``); ``fwd_bwd`` both.
 - memory: the peak of ``torch.cuda.max_memory_allocated`` during one call *minus* what
   was allocated before it (the inputs, and for ``bwd`` the saved forward state); ``None``
   on CPU.
 - floor: the bytes of SPEC.md section 4 (``floor_bytes``) over a device-to-device copy
-  bandwidth measured in the same run (``copy_bandwidth_gbs``, bytes read + written).
+  bandwidth measured in the same run (``copy_bandwidth_gbs``: a ``COPY_BYTES`` = 1 GiB
+  copy on every device, bytes read + written).
 - results: one JSON per run with exactly the schema of issue 4 (``write_results``); a
   failed row carries one extra key, ``error``.
 """
@@ -24,7 +28,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +41,27 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # "_reflogps" variants take precomputed reference token log-probs instead ([N] fp32).
 REF_LOGITS_CASES = ("minor_sft", "minor_dpo", "dpo")
 REF_LOGPS_SUFFIX = "_reflogps"
+BASE_CASES = ("token_logprobs", "sft") + REF_LOGITS_CASES
+ALL_CASES = BASE_CASES + tuple(c + REF_LOGPS_SUFFIX for c in REF_LOGITS_CASES)
+# The copy that measures the bandwidth of the floors, on every device: 1 GiB of fp32, far
+# beyond any cache the data could sit in (an H100/H200's 50/60 MiB L2, a server CPU's L3)
+# and the size of one vocabulary-sized tensor of the shapes measured (the --cpu shape's
+# fp32 logits are 1.05 GB), so the floor is set by device memory, as the kernels are.
+COPY_BYTES = 2**30
+
+
+def base_case(case: str) -> str:
+    """The loss of a case name: ``minor_sft_reflogps`` -> ``minor_sft``."""
+    return case[: -len(REF_LOGPS_SUFFIX)] if case.endswith(REF_LOGPS_SUFFIX) else case
+
+
+def ref_kind(case: str) -> Optional[str]:
+    """What reference a case reads: ``"logits"`` (a live reference: ``[B, T, V]`` logits,
+    or ``[B, T, H]`` hidden states on the linear path), ``"logprobs"`` (precomputed token
+    log-probs ``[B, T]``) or ``None`` (no reference)."""
+    if case.endswith(REF_LOGPS_SUFFIX):
+        return "logprobs"
+    return "logits" if case in REF_LOGITS_CASES else None
 
 
 def interpreter() -> bool:
@@ -107,8 +132,14 @@ def default_result_path(results_dir: str, device: str, sha: str, when: Optional[
 
 
 # --------------------------------------------------------------------------- bytes
-def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int) -> int:
+def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int,
+                grad_rows: Optional[int] = None) -> int:
     """Fewest device-memory bytes a fused kernel must move, SPEC.md section 4.
+
+    ``tokens``: the scored rows (each read in the forward and again in the backward);
+    ``grad_rows``: the rows of the logits gradient written in the backward (default
+    ``tokens``; with ``shift=True`` it is ``B * T`` for ``B * (T - 1)`` scored rows, the
+    last position's gradient being a row of zeros that must still be written).
 
     Per token, with ``e`` bytes per logit element and vocabulary ``V``:
 
@@ -130,14 +161,14 @@ def floor_bytes(case: str, mode: str, tokens: int, vocab: int, elem_bytes: int) 
     """
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}, expected one of {MODES}")
-    base = case[: -len(REF_LOGPS_SUFFIX)] if case.endswith(REF_LOGPS_SUFFIX) else case
-    if base not in ("token_logprobs", "sft") + REF_LOGITS_CASES:
+    if case not in ALL_CASES:
         raise ValueError(f"case: unknown {case!r}")
-    ref_rows = 1 if (base in REF_LOGITS_CASES and not case.endswith(REF_LOGPS_SUFFIX)) else 0
-    fwd = (1 + ref_rows) * vocab * elem_bytes
-    bwd = 2 * vocab * elem_bytes
-    per_token = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
-    return per_token * tokens
+    grad_rows = tokens if grad_rows is None else grad_rows
+    ref_rows = 1 if ref_kind(case) == "logits" else 0
+    row = vocab * elem_bytes
+    fwd = (1 + ref_rows) * row * tokens
+    bwd = row * tokens + row * grad_rows
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
 def floor_ms(nbytes: int, copy_bandwidth_gbs: Optional[float]) -> Optional[float]:
@@ -197,8 +228,8 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float
 
     CUDA: ``triton.testing.do_bench`` (events, L2 flushed, ``grad_to_none`` reset
     between runs so backward writes fresh gradients rather than accumulating); with
-    ``setup``, the same method with ``setup()`` run untimed before every call. CPU: one
-    warm-up call, then ``cpu_reps`` host-timed calls.
+    ``setup``, the same method with ``setup()`` run untimed before every call. CPU:
+    :func:`host_times_ms` of this one call.
     """
     if device.type == "cuda" and setup is not None:
         return _cuda_bench_with_setup(fn, setup, warmup_ms, rep_ms, grad_to_none)
@@ -207,19 +238,63 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float
         res = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                       quantiles=[0.5, 0.2, 0.8])
         return [float(x) for x in res]
-    times = []
-    for i in range(cpu_reps + 1):
-        if setup is not None:
-            setup()
-        if grad_to_none:
-            for t in grad_to_none:
+    return host_times_ms({"fn": (fn, setup, grad_to_none)}, cpu_reps)["fn"]
+
+
+Timed = Tuple[Callable[[], object], Optional[Callable[[], object]], Optional[Sequence[torch.Tensor]]]
+
+
+def host_times_ms(calls: Dict[str, Timed], reps: int) -> Dict[str, List[float]]:
+    """Host-clock ``{name: [median, p20, p80]}`` ms of several calls timed round-robin.
+
+    ``calls``: ``{name: (fn, setup, grad_to_none)}``. One untimed warm-up round, then
+    ``reps`` rounds of one call of each, so that a change of load on a shared machine
+    falls on all of them alike. Before every call, untimed: ``setup()`` (when given),
+    then ``.grad = None`` on each of ``grad_to_none``. The only host timing loop of the
+    benchmarks (``bench_ms`` on a CPU is this with one call).
+    """
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for rnd in range(reps + 1):
+        for name, (fn, setup, grad_to_none) in calls.items():
+            if setup is not None:
+                setup()
+            for t in grad_to_none or ():
                 t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        dt = (time.perf_counter() - t0) * 1e3
-        if i > 0:
-            times.append(dt)
-    return quantiles(times)
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: quantiles(ts) for name, ts in times.items()}
+
+
+class BackwardOnly:
+    """The ``bwd`` mode's timed call: one backward of one forward graph.
+
+    ``setup()`` (untimed; the timing loops run it before every call) drops the previous
+    graph, runs the provider's own ``setup`` (if any), then one forward ``fn_fwd()``;
+    the call runs that graph's backward once (``out.backward(g)``, no ``retain_graph``,
+    so the saved tensors are freed as training frees them) and drops it. At most one of
+    this provider's graphs is alive, and none once its backward ran, whatever else is
+    being timed beside it. ``g``: the upstream gradient of a non-scalar output (shape of
+    the output, e.g. ``[B, T]``), ``None`` for a scalar loss.
+    """
+
+    def __init__(self, fn_fwd: Callable[[], torch.Tensor], g: Optional[torch.Tensor] = None,
+                 setup: Optional[Callable[[], object]] = None):
+        self.fn_fwd, self.g, self.provider_setup = fn_fwd, g, setup
+        self.out: Optional[torch.Tensor] = None
+
+    def setup(self) -> None:
+        self.out = None
+        if self.provider_setup is not None:
+            self.provider_setup()
+        self.out = self.fn_fwd()
+
+    def __call__(self) -> None:
+        out, self.out = self.out, None
+        if out is None:
+            raise RuntimeError("BackwardOnly: call setup() before every timed call")
+        out.backward(self.g)
 
 
 def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,
@@ -251,13 +326,14 @@ def peak_mem_delta_mib(fn: Callable[[], object], device: torch.device,
 def copy_bandwidth_gbs(device: torch.device, nbytes: Optional[int] = None) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
 
-    CUDA: a 1 GiB fp32 buffer (20x the largest L2 of an H100/H200) copied with
-    ``Tensor.copy_``, median of ``do_bench``. CPU: a 64 MiB host copy (only so the CPU
-    JSON has a value).
+    ``Tensor.copy_`` of an fp32 buffer of ``nbytes`` (default ``COPY_BYTES``, 1 GiB, on
+    every device: see there), median of ``bench_ms`` (``do_bench`` on CUDA, the host clock
+    on a CPU). The buffer repeats a 1 MiB random block: never zeros, and quick to fill.
     """
-    if nbytes is None:
-        nbytes = 2**30 if device.type == "cuda" else 64 * 2**20
-    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)   # random, never zeros
+    nbytes = COPY_BYTES if nbytes is None else nbytes
+    block = torch.randn(min(nbytes // 4, 2**18), dtype=torch.float32, device=device)
+    src = block.repeat(-(-(nbytes // 4) // block.numel()))[: nbytes // 4]
+    del block
     dst = torch.empty_like(src)
     nbytes = src.numel() * 4
     ms = bench_ms(lambda: dst.copy_(src), device, warmup_ms=50, rep_ms=200, cpu_reps=5)[0]
