@@ -127,6 +127,17 @@ def iter_rows(path: str):
             yield lineno, row
 
 
+def write_jsonl(path: str, rows) -> str:
+    """Write ``rows`` (an iterable of JSON-serialisable dicts) to ``path`` as UTF-8 JSON
+    lines (strict JSON: a non-finite float is an error), creating its folder, with
+    :func:`~minorsft.train.checkpoint.atomic_write` (readers see the old file or the whole
+    new one). The writing side of :func:`iter_rows`. Returns ``path``."""
+    from minorsft.train.checkpoint import atomic_write
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
+    return path
+
+
 def row_kind(row: dict, want: str | None = None) -> str:
     """``"pairs"`` (prompt/chosen/rejected), ``"messages"`` (chat) or ``"sft"`` (prompt/response).
 

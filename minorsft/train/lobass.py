@@ -19,7 +19,6 @@ listed in the scores file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -283,7 +282,7 @@ def select(cfg: SelectConfig, log=print) -> dict:
     atomic_write(cfg.out, b"".join(_with_newline(raw_lines[ds.examples[i].line - 1]) for i in kept))
     if cfg.scores:
         records = _score_records(ds, raw_lines, learn, l0, l1, counts, set(kept))
-        atomic_write(cfg.scores, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+        D.write_jsonl(cfg.scores, records)
     res = {"rows": len(ds), "kept": len(kept), "out": cfg.out, "scores": cfg.scores,
            "finetuned": finetuned, "lines": [e.line for e in ds.examples], "learnability": learn,
            "loss_base": l0.tolist(), "loss_finetuned": l1.tolist(), "tokens": counts.tolist(),

@@ -18,7 +18,6 @@ from the newest checkpoint in ``DIR/round-k/train``. One spin run owns ``DIR`` (
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from typing import Optional
 import torch
 
 from minorsft.train import data as D
-from minorsft.train.checkpoint import atomic_write
 from minorsft.train.config import (ConfigError, TrainConfig, check_fields, existing_path, nonneg_float,
                                    option, positive_int, unit_interval, validate_config)
 from minorsft.train.distributed import Dist, select_device
@@ -181,8 +179,7 @@ def write_pairs(cfg: SpinConfig, k: int, model, rows, tokenizer, device, log) ->
             f"{', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''})")
     if not pairs:
         raise ValueError(f"round {k}: every generated response is empty: no pairs to train on")
-    os.makedirs(cfg.round_dir(k), exist_ok=True)
-    atomic_write(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    D.write_jsonl(path, pairs)
     same = sum(p["chosen"] == p["rejected"] for p in pairs)
     log(f"round {k}: {len(pairs)} pairs -> {path} ({same} generated responses equal the chosen one)")
     return path

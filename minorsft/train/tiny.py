@@ -19,12 +19,11 @@ fine-tunes it on these; :data:`TASK_FAMILIES` names both families):
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import string
 
-from minorsft.train.checkpoint import atomic_write
+from minorsft.train.data import write_jsonl
 
 # One token per character; role markers are special tokens.
 _CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " +-*=?:.,!'\"()\n"
@@ -196,15 +195,6 @@ def synthetic_rows(n: int, *, seed: int = 0, tasks=("add", "rev", "up")):
         rows.append({"prompt": prompt, "response": answer, "chosen": answer, "rejected": wrong,
                      "task": task})
     return rows
-
-
-def write_jsonl(path: str, rows) -> str:
-    """Write ``rows`` (an iterable of JSON-serialisable dicts) to ``path`` as UTF-8 JSON
-    lines, creating its folder, with :func:`~minorsft.train.checkpoint.atomic_write`
-    (readers see the old file or the whole new one). Returns ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    return path
 
 
 def write_synthetic_dataset(directory: str, *, n_train: int = 600, n_eval: int = 60, seed: int = 0,

@@ -23,12 +23,13 @@ def reader_code(tmp_path, monkeypatch):
     from transformers import DataCollatorForSeq2Seq
 
     from minorsft.train import tiny
+    from minorsft.train.data import write_jsonl
     monkeypatch.chdir(tmp_path)
     os.environ.setdefault("WANDB_DISABLED", "true")
     model, tokenizer = tiny.build_tiny_model(seed=0)
     tiny.save_tiny_model(str(tmp_path / "path" / "to" / "hf-model"), seed=0)
     rows = tiny.synthetic_rows(16, seed=1)
-    tiny.write_jsonl(str(tmp_path / "train.jsonl"), rows)
+    write_jsonl(str(tmp_path / "train.jsonl"), rows)
     sft = []
     for r in rows:
         prompt = tokenizer(r["prompt"])["input_ids"]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from minorsft import cli
 from minorsft.train import RecipeError, plan_recipe, run_recipe, tiny
+from minorsft.train.data import write_jsonl
 from minorsft.train.recipe import load_recipe
 from tests.util import ROOT
 
@@ -37,7 +38,7 @@ def _recipe(out_dir, base, data):
 def chained(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipe")
     base = tiny.save_tiny_model(str(d / "tiny-model"), seed=0)
-    data = tiny.write_jsonl(str(d / "rows.jsonl"), tiny.synthetic_rows(12, seed=4))
+    data = write_jsonl(str(d / "rows.jsonl"), tiny.synthetic_rows(12, seed=4))
     recipe = _recipe(str(d / "out"), base, data)
     return recipe, run_recipe(recipe, log=lambda m: None)
 
@@ -153,7 +154,7 @@ BAD = [
 @pytest.mark.parametrize("what, change, message", BAD, ids=[b[0] for b in BAD])
 def test_a_bad_recipe_is_refused_before_any_work(tmp_path, monkeypatch, what, change, message):
     monkeypatch.chdir(tmp_path)
-    data = tiny.write_jsonl(str(tmp_path / "rows.jsonl"), tiny.synthetic_rows(4, seed=1))
+    data = write_jsonl(str(tmp_path / "rows.jsonl"), tiny.synthetic_rows(4, seed=1))
     base = tiny.save_tiny_model(str(tmp_path / "m"), seed=0) if what == "missing stage option" else "tiny"
     with pytest.raises(RecipeError, match=message):
         run_recipe(_bad(base, data, change), log=lambda m: None)
@@ -162,7 +163,7 @@ def test_a_bad_recipe_is_refused_before_any_work(tmp_path, monkeypatch, what, ch
 
 def test_cli_dry_run_plans_and_bad_files_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    data = tiny.write_jsonl("rows.jsonl", tiny.synthetic_rows(4, seed=1))
+    data = write_jsonl("rows.jsonl", tiny.synthetic_rows(4, seed=1))
     path = tmp_path / "r.json"
     path.write_text(json.dumps(_recipe("OUT", "tiny", data)))
     assert cli.main(["recipe", str(path), "--dry-run"]) == 0

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from minorsft import cli
 from minorsft.train import ConfigError, SpinConfig, spin, tiny
 from minorsft.train import data as D
+from minorsft.train.data import write_jsonl
 from minorsft.train.loop import load_model_and_tokenizer
 from minorsft.train.selfplay import generate_responses
 
@@ -24,7 +25,7 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("spin")
     base = tiny.save_tiny_model(str(d / "sft-model"), seed=0)
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in tiny.synthetic_rows(8, seed=5)]
-    data = tiny.write_jsonl(str(d / "sft.jsonl"), rows)
+    data = write_jsonl(str(d / "sft.jsonl"), rows)
     cfg = SpinConfig(model=base, data=data, rounds=2, out_dir=str(d / "spin"), temperature=0.0,
                      max_new_tokens=4, max_steps=2, batch_size=4, lr=1e-2, max_length=32,
                      precompute_ref=True, save_every=1, progress=False)
