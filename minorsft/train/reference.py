@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 import minorsft as ms
+from minorsft.train.checkpoint import atomic_write
 
 CACHE_VERSION = "1"
 
@@ -98,7 +99,7 @@ def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int
     came from the cache ``{cache_dir}/ref-{key}.safetensors`` (written atomically on a
     miss; no cache when ``cache_dir`` is None).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     key = cache_key(model_hash or model_fingerprint(model), dataset.fingerprint, max_length,
                     temperature, str(autocast_dtype))
@@ -128,11 +129,10 @@ def precompute_reference_logprobs(model, dataset, *, collate_fn, batch_size: int
     table = torch.cat(rows).contiguous()
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({"ref_logps": table}, tmp, metadata={"key": key, "kind": dataset.kind,
-                                                        "source": str(dataset.source),
-                                                        "sha256": table_digest(table)})
-        os.replace(tmp, path)
+        # [n] or [n, 2] floats: serialised in memory, written durably like every other file
+        atomic_write(path, save({"ref_logps": table}, metadata={"key": key, "kind": dataset.kind,
+                                                                 "source": str(dataset.source),
+                                                                 "sha256": table_digest(table)}))
         log(f"reference cache written: {path}")
     return table, False
 
