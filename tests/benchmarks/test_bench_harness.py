@@ -13,11 +13,25 @@ import pytest
 import torch
 
 from benchmarks import utils as U
+from tests.util import ROOT, subprocess_env
 
 # Spawns its own TRITON_INTERPRET=1 subprocesses: one pass of `make test` is enough.
 pytestmark = pytest.mark.no_interpreter
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(module: str, args: list, *, interpret: bool) -> dict:
+    """``python -m benchmarks.MODULE ARGS`` in this checkout (under the Triton interpreter
+    when ``interpret`` and no GPU), which must succeed; the JSON it wrote to ``--out``."""
+    env = subprocess_env()
+    env.pop("TRITON_INTERPRET", None)
+    if interpret and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(args[args.index("--out") + 1], encoding="utf-8") as f:
+        return json.load(f)
 
 
 @pytest.mark.parametrize("case, per_token_bf16", [
@@ -60,18 +74,11 @@ def test_schema_check_rejects_extra_keys():
 
 
 def test_tiny_run_writes_schema(tmp_path):
-    out = tmp_path / "bench.json"
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--tiny", "--vocabs", "1000", "--tokens", "32",
-           "--cases", "minor_sft", "--modes", "fwd_bwd",
-           "--providers", "minorsft,minorsft_shift,minorsft_inplace,eager,eager_shift,liger",
-           "--fp32-shapes", "", "--cpu-reps", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res = _run("bench_logprobs", ["--tiny", "--vocabs", "1000", "--tokens", "32", "--cases", "minor_sft",
+                                  "--modes", "fwd_bwd",
+                                  "--providers", "minorsft,minorsft_shift,minorsft_inplace,eager,eager_shift,liger",
+                                  "--fp32-shapes", "", "--cpu-reps", "1", "--out", tmp_path / "bench.json"],
+               interpret=True)
     assert list(res) == list(U.TOP_KEYS)
     assert res["device"] == ("cpu-interpreter" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     assert res["copy_bandwidth_gbs"] > 0
@@ -95,14 +102,8 @@ def test_tiny_run_writes_schema(tmp_path):
 
 def test_cpu_comparison_run(tmp_path):
     """--cpu: the PyTorch backend against eager (and torch.compile) on the CPU, side by side."""
-    out = tmp_path / "cpu.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--cpu", "--vocabs", "500", "--tokens", "64",
-           "--providers", "minorsft,eager", "--cpu-reps", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res = _run("bench_logprobs", ["--cpu", "--vocabs", "500", "--tokens", "64", "--providers", "minorsft,eager",
+                                  "--cpu-reps", "1", "--out", tmp_path / "cpu.json"], interpret=False)
     assert res["device"].startswith("cpu (")
     rows = res["rows"]
     assert {(r["case"], r["provider"], r["dtype"]) for r in rows} == {
@@ -111,17 +112,9 @@ def test_cpu_comparison_run(tmp_path):
 
 
 def test_tiny_linear_run_writes_schema(tmp_path):
-    out = tmp_path / "bench_linear.json"
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.bench_linear", "--tiny", "--vocabs", "1000", "--tokens", "32",
-           "--cases", "minor_dpo", "--providers", "minorsft,gemms,eager,cce", "--cpu-reps", "1",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads(out.read_text())
+    res = _run("bench_linear", ["--tiny", "--vocabs", "1000", "--tokens", "32", "--cases", "minor_dpo",
+                                "--providers", "minorsft,gemms,eager,cce", "--cpu-reps", "1",
+                                "--out", tmp_path / "bench_linear.json"], interpret=True)
     assert list(res) == list(U.TOP_KEYS)
     rows = {r["provider"]: r for r in res["rows"]}
     assert set(rows) == {"minorsft", "gemms", "eager"}, res["rows"]      # cce is sft-only: no row
