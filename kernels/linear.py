@@ -40,9 +40,12 @@ in fp32 under autocast, and ``O(n)`` per-row vectors. Nothing here is ``N x V``.
 Deterministic: the GEMMs and reductions run in a fixed order, nothing is accumulated with
 atomics, so ``dH``, ``dW`` and ``db`` are bitwise identical from run to run on one device.
 
-Compaction reads the number of scored rows of each sequence on the host (one
-synchronisation per call, so this path is not CUDA-graph capturable; ``torch.compile``
-traces it as one opaque custom op).
+Compaction reads the number of scored rows of each sequence on the host: one
+synchronisation per call (``torch.compile`` traces the path as one opaque custom op). With
+``MINORSFT_LINEAR_SKIP_MASKED=0``, and always while a CUDA graph is being captured, every
+position is a row instead (masked ones get a zero gradient from the fold): no host read,
+no synchronisation, at the price of the GEMMs of the prompt and padding rows
+(:func:`skip_masked_rows`).
 """
 from __future__ import annotations
 
@@ -70,11 +73,21 @@ def memory_budget_bytes(memory_budget: Optional[int] = None) -> int:
     return int(memory_budget)
 
 
+def skip_masked_rows() -> bool:
+    """Whether :func:`compact` drops the rows whose label is ``ignore_index`` (reading
+    their count on the host): yes unless the environment sets
+    ``MINORSFT_LINEAR_SKIP_MASKED=0`` or a CUDA graph is being captured."""
+    if os.environ.get("MINORSFT_LINEAR_SKIP_MASKED", "1") == "0":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 # --------------------------------------------------------------------------- the rows
 
 @dataclass
 class Rows:
-    """The scored rows that carry a label, compacted, in sequence order.
+    """The rows to score in sequence order: those that carry a label, compacted (or every
+    position, see :func:`compact`).
 
     ``h`` ``[n, H]`` hidden rows in the compute dtype, ``y`` ``[n]`` labels, ``b`` / ``t``
     ``[n]`` their positions (``b`` is also each row's sequence), ``seq`` the sequences in
@@ -104,23 +117,32 @@ class Rows:
 
 
 def compact(hidden: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, shift: bool,
-            pairs: bool, dtype: torch.dtype) -> Rows:
+            pairs: bool, dtype: torch.dtype, skip_masked: bool = True) -> Rows:
     """The :class:`Rows` of ``hidden [B, T, H]`` (any strides) scored against ``labels``.
 
-    One host read (the scored rows per sequence). ``pairs``: order the sequences
-    ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair are adjacent (chunks of whole
-    pairs are then contiguous).
+    ``skip_masked``: only the rows with a label (one host read: the scored rows per
+    sequence); else every position, ``T`` rows a sequence, with no host read. ``pairs``:
+    order the sequences ``0, P, 1, P + 1, ...`` so that both rows of a DPO pair are
+    adjacent (chunks of whole pairs are then contiguous).
     """
     lab = scored_labels(labels, shift)
     B, Tp = lab.shape
     order = ([i for k in range(B // 2) for i in (k, B // 2 + k)] if pairs else list(range(B)))
-    keep = lab != ignore_index
-    counts_all = keep.sum(1).tolist()                      # the one host read of a call
-    counts = [counts_all[s] for s in order]
-    perm = torch.tensor(order, device=lab.device)
-    flat = torch.nonzero_static(keep[perm].flatten(), size=sum(counts)).squeeze(1)
-    b = perm[flat // max(Tp, 1)]
-    t = flat % max(Tp, 1)
+    # the same order built on the device (a list would be a host-to-device copy: a sync)
+    perm = torch.arange(B, device=lab.device)
+    if pairs:
+        perm = perm.view(2, B // 2).t().reshape(-1)
+    if skip_masked:
+        keep = lab != ignore_index
+        counts_all = keep.sum(1).tolist()                  # the one host read of a call
+        counts = [counts_all[s] for s in order]
+        flat = torch.nonzero_static(keep[perm].flatten(), size=sum(counts)).squeeze(1)
+        b = perm[flat // max(Tp, 1)]
+        t = flat % max(Tp, 1)
+    else:
+        counts = [Tp] * B
+        b = perm[:, None].expand(B, Tp).reshape(-1)
+        t = torch.arange(Tp, device=lab.device).repeat(B)
     h = hidden[b, t]
     return Rows(h=h if h.dtype == dtype else h.to(dtype), y=lab[b, t].long(), b=b, t=t,
                 seq=order, counts=counts, seq_ids=perm)
@@ -243,7 +265,7 @@ class Grads:
 def _prepare(hidden, weight, labels, bias, *, fold, ignore_index, temperature, logit_scale, softcap,
              shift, memory_budget, pairs=False):
     rows = compact(hidden, labels, ignore_index=ignore_index, shift=shift, pairs=pairs,
-                   dtype=hidden.dtype)
+                   dtype=hidden.dtype, skip_masked=skip_masked_rows())
     elem = torch.empty((), dtype=hidden.dtype).element_size()
     per_chunk = max(1, memory_budget_bytes(memory_budget) // (weight.shape[0] * elem))
     setup = Setup.make(hidden, weight, bias, fold=fold, ignore_index=ignore_index,

@@ -16,14 +16,20 @@ FNS = {"sft": ms.linear_sft_loss, "minor_sft": ms.linear_minor_sft_loss,
        "dpo": ms.linear_dpo_loss, "minor_dpo": ms.linear_minor_dpo_loss}
 
 
-@pytest.fixture(autouse=True, params=["sequences", "rows"])
+@pytest.fixture(autouse=True, params=["sequences", "rows", "every-position"])
 def plan(request, monkeypatch):
     """Two sequences of rows a chunk (gradient in the forward) or 4 rows (two passes), in
-    the test's compute dtype."""
-    rows = 2 * T if request.param == "sequences" else 4
+    the test's compute dtype; "every-position": two sequences a chunk with the masked rows
+    kept (``MINORSFT_LINEAR_SKIP_MASKED=0``, the layout with no host read)."""
+    rows = 4 if request.param == "rows" else 2 * T
+    every = request.param == "every-position"
+    if every:
+        monkeypatch.setenv("MINORSFT_LINEAR_SKIP_MASKED", "0")
     seen = chunk_rows(monkeypatch, request, rows, V)
     yield
     assert all(per_chunk == rows for _, per_chunk in seen), f"chunks of {rows} rows, got {seen}"
+    # the masked prompt rows are dropped, or (every position) kept: B x T or B x (T - 1) rows
+    assert all((n in (B * T, B * (T - 1))) == every for n, _ in seen), seen
 
 
 def inputs(device, hdt, wdt):
