@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .common import LN2, LOG2E, alloc_output as _alloc, device_guard, fold_scales, hand_round, scored_labels
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
@@ -53,7 +54,8 @@ LOG2E_C = tl.constexpr(LOG2E)
 # Default launch configuration (all architectures until tuned on hardware): a
 # vocabulary block of up to 4096 elements (8 KiB of bf16 per load, enough bytes in
 # flight per SM to saturate HBM) and 8 warps. Overridable for experiments and tests
-# through MINORSFT_BLOCK_V / MINORSFT_NUM_WARPS; never probed at import time.
+# through MINORSFT_BLOCK_V / MINORSFT_NUM_WARPS; never probed at import time. Opt-in
+# autotuning per shape bucket: MINORSFT_AUTOTUNE=1 (kernels/tuning.py).
 DEFAULT_BLOCK_V = 4096
 DEFAULT_NUM_WARPS = 8
 
@@ -63,18 +65,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_config(vocab: int, n_rows: int, device: torch.device) -> Tuple[int, int, int, int]:
+def launch_config(vocab: int, n_rows: int, device: torch.device,
+                  tuned: Optional[Tuple[int, int]] = None) -> Tuple[int, int, int, int]:
     """Return ``(BLOCK_V, num_warps, CHUNK_V, splits)`` for ``n_rows`` rows of ``vocab``.
 
     With many rows a program owns a whole row (``splits == 1``). With few rows (fewer
     than two per SM) the vocabulary is split into ``splits`` chunks of ``CHUNK_V``
     columns so that about four programs per SM stream the logits; the forward then
     merges the per-chunk (max, sum) partials. ``MINORSFT_SPLIT_V`` forces a split count
-    (tests, tuning).
+    (tests, tuning). ``tuned``: ``(BLOCK_V, num_warps)`` instead of the environment's or
+    the default (:mod:`.tuning`).
     """
-    block = int(os.environ.get("MINORSFT_BLOCK_V", DEFAULT_BLOCK_V))
+    block, warps = tuned or (int(os.environ.get("MINORSFT_BLOCK_V", DEFAULT_BLOCK_V)),
+                             int(os.environ.get("MINORSFT_NUM_WARPS", DEFAULT_NUM_WARPS)))
     block = max(16, min(triton.next_power_of_2(block), triton.next_power_of_2(vocab)))
-    warps = int(os.environ.get("MINORSFT_NUM_WARPS", DEFAULT_NUM_WARPS))
     n_blocks = triton.cdiv(vocab, block)
     forced = os.environ.get("MINORSFT_SPLIT_V")
     if forced:
@@ -347,16 +351,23 @@ def logprobs_forward(
         tgt = _alloc((N,), torch.float32, dev)
         ref_part = _alloc((N, splits, 2), torch.float32, dev) if has_ref else None
         ref_tgt = _alloc((N,), torch.float32, dev) if has_ref else None
-    with device_guard(logits):
-        _logprobs_fwd_kernel[(N, splits)](
-            logits, ref_logits, labels,
-            lp, lse, ref_lp if has_ref and splits == 1 else None,
-            part, ref_part, tgt, ref_tgt, bad_labels,
-            T, V, chunk,
-            *logits.stride(), *rs, *labels.stride(),
-            ignore_index, scale2, pre_cap, softcap,
-            BLOCK_V=block, num_warps=warps,
-        )
+
+    def launch(block, warps, chunk, flag=bad_labels):
+        with device_guard(logits):
+            _logprobs_fwd_kernel[(N, splits)](
+                logits, ref_logits, labels,
+                lp, lse, ref_lp if has_ref and splits == 1 else None,
+                part, ref_part, tgt, ref_tgt, flag,
+                T, V, chunk,
+                *logits.stride(), *rs, *labels.stride(),
+                ignore_index, scale2, pre_cap, softcap,
+                BLOCK_V=block, num_warps=warps,
+            )
+
+    if splits == 1:   # tuning times candidates without the flag (it counts bad labels)
+        block, warps, chunk = _tuned("fwd", logits, V, N, lambda b, w, c: launch(b, w, c, None)) \
+            or (block, warps, chunk)
+    launch(block, warps, chunk)
     if splits > 1:
         keep = (labels != ignore_index).reshape(N)
         lp, lse = (x.view(B, T) for x in _combine(part, tgt, keep))
@@ -400,12 +411,38 @@ def logprobs_backward(
         return out
     block, warps, chunk, splits = launch_config(V, B * T, logits.device)
     scale2, dscale, pre_cap, softcap = fold_scales(temperature, logit_scale, softcap)
-    with device_guard(logits):
-        _logprobs_bwd_kernel[(B * T, splits)](
-            logits, labels, lse, grad_lp, out,
-            T, labels.shape[1], V, chunk,
-            *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
-            ignore_index, scale2, dscale, pre_cap, softcap,
-            HAND_ROUND=hand_round(), BLOCK_V=block, num_warps=warps,
-        )
+
+    def launch(block, warps, chunk):
+        with device_guard(logits):
+            _logprobs_bwd_kernel[(B * T, splits)](
+                logits, labels, lse, grad_lp, out,
+                T, labels.shape[1], V, chunk,
+                *logits.stride(), *labels.stride(), *grad_lp.stride(), *out.stride(),
+                ignore_index, scale2, dscale, pre_cap, softcap,
+                HAND_ROUND=hand_round(), BLOCK_V=block, num_warps=warps,
+            )
+
+    in_place = out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    if splits == 1 and not in_place:   # timing an in-place write would destroy the logits
+        block, warps, chunk = _tuned("bwd", logits, V, B * T, launch) or (block, warps, chunk)
+    elif splits == 1:                   # in place: what the out-of-place calls chose, if any
+        block, warps, chunk = _tuned("bwd", logits, V, B * T, None) or (block, warps, chunk)
+    launch(block, warps, chunk)
     return out
+
+
+def _tuned(kernel: str, logits: torch.Tensor, vocab: int, n_rows: int, launch):
+    """``(BLOCK_V, num_warps, CHUNK_V)`` chosen by :func:`.tuning.tune` for one program
+    per row, or None (autotuning off, a CUDA graph being captured, or ``launch`` None and
+    nothing tuned yet). ``launch(block, warps, chunk)`` writes only outputs that the real
+    launch overwrites."""
+    if not tuning.enabled() or tuning.capturing(logits.device):
+        return None
+    key = tuning.bucket(kernel, logits, vocab, n_rows)
+    if launch is None:
+        choice = tuning.chosen(key)
+    else:
+        def run(block, warps):
+            launch(*launch_config(vocab, n_rows, logits.device, (block, warps))[:3])
+        choice = tuning.tune(key, vocab, logits.device, run)
+    return None if choice is None else launch_config(vocab, n_rows, logits.device, choice)[:3]
