@@ -21,6 +21,12 @@ def alloc_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (then nothing
+    may synchronise with the host)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def device_guard(tensor: torch.Tensor):
     """Context making ``tensor``'s GPU the current device for a launch.
 

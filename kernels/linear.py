@@ -56,7 +56,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .common import scored_labels
+from .common import capturing, scored_labels
 
 log = logging.getLogger("minorsft")
 DEFAULT_MEMORY_BUDGET = 256 << 20     # bytes of the logits chunk (R x V in the compute dtype)
@@ -73,13 +73,13 @@ def memory_budget_bytes(memory_budget: Optional[int] = None) -> int:
     return int(memory_budget)
 
 
-def skip_masked_rows() -> bool:
+def skip_masked_rows(device: torch.device) -> bool:
     """Whether :func:`compact` drops the rows whose label is ``ignore_index`` (reading
     their count on the host): yes unless the environment sets
     ``MINORSFT_LINEAR_SKIP_MASKED=0`` or a CUDA graph is being captured."""
     if os.environ.get("MINORSFT_LINEAR_SKIP_MASKED", "1") == "0":
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not capturing(device)
 
 
 # --------------------------------------------------------------------------- the rows
@@ -265,7 +265,7 @@ class Grads:
 def _prepare(hidden, weight, labels, bias, *, fold, ignore_index, temperature, logit_scale, softcap,
              shift, memory_budget, pairs=False):
     rows = compact(hidden, labels, ignore_index=ignore_index, shift=shift, pairs=pairs,
-                   dtype=hidden.dtype, skip_masked=skip_masked_rows())
+                   dtype=hidden.dtype, skip_masked=skip_masked_rows(hidden.device))
     elem = torch.empty((), dtype=hidden.dtype).element_size()
     per_chunk = max(1, memory_budget_bytes(memory_budget) // (weight.shape[0] * elem))
     setup = Setup.make(hidden, weight, bias, fold=fold, ignore_index=ignore_index,

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import LN2, LOG2E, alloc_output as _alloc, device_guard, fold_scales, hand_round, scored_labels
+from .common import (LN2, LOG2E, alloc_output as _alloc, capturing, device_guard, fold_scales, hand_round,
+                     scored_labels)
 
 # Inside @triton.jit code a global must be a constexpr (a plain float global is a
 # compile error on the GPU that the CPU interpreter does not report).
@@ -436,7 +437,7 @@ def _tuned(kernel: str, logits: torch.Tensor, vocab: int, n_rows: int, launch):
     per row, or None (autotuning off, a CUDA graph being captured, or ``launch`` None and
     nothing tuned yet). ``launch(block, warps, chunk)`` writes only outputs that the real
     launch overwrites."""
-    if not tuning.enabled() or tuning.capturing(logits.device):
+    if not tuning.enabled() or capturing(logits.device):
         return None
     key = tuning.bucket(kernel, logits, vocab, n_rows)
     if launch is None:

@@ -77,11 +77,6 @@ def tune(key: tuple, vocab: int, device: torch.device,
     return best
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device``'s current stream."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def reset() -> None:
     """Forget every tuned choice (tests)."""
     _chosen.clear()

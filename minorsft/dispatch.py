@@ -29,13 +29,14 @@ def run_loss(loss: str, inputs, *, ref_logprobs: Optional[Tensor] = None, reduct
              **options) -> losses.LossOut:
     """Loss ``loss`` (a :data:`minorsft.losses.LOSSES` name) on a path's ``inputs``.
 
-    Everything is checked before any kernel runs: the loss options, ``reduction``, the
-    reference (exactly one of the path's reference tensors or ``ref_logprobs`` for a
+    Everything is checked before any kernel runs: the loss options, ``reduction``,
+    ``num_items_in_batch`` (token-level losses only), the reference (exactly one of the path's reference tensors or ``ref_logprobs`` for a
     reference loss, none for ``sft``) and the pair layout.
     """
     spec = losses.get_loss(loss)
     opts = losses.check_options(loss, options)
     V.check_reduction(reduction)
+    losses.check_num_items(loss, num_items_in_batch)
     labels = inputs.labels
     if spec.reference:
         if inputs.has_ref == (ref_logprobs is not None):
@@ -65,7 +66,6 @@ def _gradient_in_forward(loss, inputs, opts, ref_logprobs, reduction, num_items,
     """A scalar loss by the path's gradient-in-forward op, with the same value, metrics and
     gradients as the per-token route: the reference reduced to per-sequence sums first."""
     spec = losses.get_loss(loss)
-    losses.check_num_items(loss, num_items)
     mask = inputs.labels != inputs.ignore_index
     ref_seq = None
     if spec.reference:

@@ -17,6 +17,7 @@ from torch import Tensor
 from minorsft import losses
 from minorsft import validation as V
 from minorsft.dispatch import run_loss
+from minorsft.kernels.common import scored_labels
 from minorsft.losses import LossOut
 from minorsft.ops import select_backend
 
@@ -39,7 +40,7 @@ class LogitsInputs:
         V.check_flag("shift", shift)
         V.check_logits("logits", logits)
         V.check_labels(labels, logits.shape[:2], logits.device, shift=shift)
-        scored = labels[:, 1:] if shift else labels
+        scored = scored_labels(labels, shift)
         self.temperature = V.check_token_options(scored, logits.shape[-1], ignore_index,
                                                  temperature, check_labels)
         if ref_logits is not None:
@@ -228,7 +229,7 @@ def lobass_learnability(logits_original: Tensor, logits_finetuned: Tensor, label
     V.check_same("logits_finetuned", logits_finetuned, "logits_original", logits_original)
     V.check_labels(labels, logits_original.shape[:2], logits_original.device, "logits_original",
                    shift=shift)
-    mask = (labels[:, 1:] if shift else labels) != ignore_index
+    mask = scored_labels(labels, shift) != ignore_index
     n = mask.sum(-1).clamp(min=1)
     l0, l1 = (-token_logprobs(z, labels, ignore_index=ignore_index, temperature=temperature,
                               backend=backend, shift=shift).sum(-1) / n

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from minorsft import validation as V
 from minorsft.dispatch import run_loss
+from minorsft.kernels.common import scored_labels
 from minorsft.losses import OPTIONS, LossOut
 from minorsft.ops import select_backend
 
@@ -53,7 +54,7 @@ class LinearInputs:
         V.check_flag("shift", shift)
         V.check_linear("", hidden, weight, bias)
         V.check_labels(labels, hidden.shape[:2], hidden.device, "hidden", shift=shift)
-        self.labels = labels[:, 1:] if shift else labels
+        self.labels = scored_labels(labels, shift)
         self.memory_budget = V.check_memory_budget(memory_budget)
         self.temperature = V.check_token_options(self.labels, weight.shape[0], ignore_index,
                                                  temperature, check_labels)
@@ -105,7 +106,7 @@ class LinearInputs:
         hidden, weight, bias = self.policy
         need = [x is not None and x.requires_grad for x in self.policy]
         if num_items is not None and not isinstance(num_items, Tensor):
-            num_items = torch.tensor(float(num_items), device=self.device)
+            num_items = torch.full((), float(num_items), device=self.device)   # a fill: no host copy
         opts = {name: opt.default for name, opt in OPTIONS.items()}   # the op takes every option
         opts.update(options)
         out = torch.ops.minorsft.linear_loss(

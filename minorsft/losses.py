@@ -449,7 +449,8 @@ class Coefficients:
 
     Args:
         S_ref: ``[B]`` reference per-sequence sums (detached); m: ``[B]`` scored tokens;
-        num_items: the token count of a token-level mean (``num_items_in_batch``) or None.
+        num_items: the token count of a token-level mean (``num_items_in_batch``: a
+            tensor, so that nothing here copies from the host) or None.
     """
 
     def __init__(self, loss: str, options: Mapping[str, object], reduction: str,
@@ -460,12 +461,10 @@ class Coefficients:
         self.token_level = self.spec.token_level
         self.S_ref, self.valid, self.P = S_ref, m > 0, m.shape[0] // 2
         if self.token_level:
-            denom = m.sum() if num_items is None else num_items
-            if isinstance(denom, Tensor):
-                denom = denom.to(device=m.device, dtype=torch.float32).clamp(min=1)
-            else:
-                denom = torch.tensor(float(max(int(denom), 1)), device=m.device)
-            self.scale = -1.0 / denom if reduction == "mean" else torch.tensor(-1.0, device=m.device)
+            denom = (m.sum() if num_items is None else num_items).to(device=m.device, dtype=torch.float32)
+            # torch.full: a fill on the device (torch.tensor would copy from the host: a sync)
+            self.scale = (-1.0 / denom.clamp(min=1) if reduction == "mean"
+                          else torch.full((), -1.0, dtype=torch.float32, device=m.device))
             return
         items = (self.valid[: self.P] & self.valid[self.P:]) if self.spec.pairs else self.valid
         self.denom = items.sum().clamp(min=1).to(torch.float32) if reduction == "mean" else 1.0

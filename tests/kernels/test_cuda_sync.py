@@ -36,8 +36,9 @@ def test_logits_path_loss_forward_backward_never_syncs(name):
 
 
 
-@pytest.mark.parametrize("name", ["sft", "minor_sft", "dpo"])
-def test_linear_path_without_compaction_never_syncs(name, monkeypatch):
+@pytest.mark.parametrize("name,kw", [("sft", {}), ("sft", {"reduction": "sum"}),
+                                     ("sft", {"num_items_in_batch": 1000}), ("minor_sft", {}), ("dpo", {})])
+def test_linear_path_without_compaction_never_syncs(name, kw, monkeypatch):
     """By default the fused linear path reads its scored-row counts on the host once per
     call (the compaction that spares prompt and padding rows their GEMMs); with
     ``MINORSFT_LINEAR_SKIP_MASKED=0`` every position is a row and nothing is read."""
@@ -50,7 +51,7 @@ def test_linear_path_without_compaction_never_syncs(name, monkeypatch):
     ref_kw = {} if name == "sft" else {"ref_logprobs": -torch.rand(B, device="cuda") * 30}
 
     def step():
-        out = ms.linear_fused_loss(name, hidden, weight, labels, shift=True, **ref_kw)
+        out = ms.linear_fused_loss(name, hidden, weight, labels, shift=True, **ref_kw, **kw)
         out.backward()
 
     _no_sync(step)
