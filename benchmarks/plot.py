@@ -27,9 +27,12 @@ PROVIDER_ORDER = ("minorsft", "minorsft_inplace", "minorsft_torch", "eager", "co
                   "minorsft_shift", "eager_shift", "gemms")
 
 
-def eager_counterpart(provider: str) -> str:
+def eager_counterpart(provider: str) -> Optional[str]:
     """The eager provider a row is compared with: ``eager_shift`` for the shift providers
-    (same scored positions, same ``tokens``), else ``eager``."""
+    (same scored positions, same ``tokens``), none for the ``gemms`` floor (plain matrix
+    products, no loss: unlike work), else ``eager``."""
+    if provider == "gemms":
+        return None
     return "eager_shift" if provider.endswith("_shift") else "eager"
 
 

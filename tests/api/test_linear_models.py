@@ -33,11 +33,10 @@ def plan(request, monkeypatch):
 
 
 def inputs(device, hdt, wdt):
-    g = torch.Generator().manual_seed(11)
-    hidden = (torch.randn(B, T, H, generator=g) * 1.5).to(device, hdt)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, wdt)
-    bias = (torch.randn(V, generator=g) * 0.3).to(device, wdt)
-    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    hidden = (torch.randn(B, T, H) * 1.5).to(device, hdt)      # fresh: conftest seeds per test
+    weight = (torch.randn(V, H) / H ** 0.5).to(device, wdt)
+    bias = (torch.randn(V) * 0.3).to(device, wdt)
+    labels = torch.randint(0, V, (B, T)).to(device)
     labels[:, :3] = -100
     return hidden, weight, bias, labels
 
