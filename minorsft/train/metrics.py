@@ -64,6 +64,31 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def read_lines(path: str, on_bad=None) -> List[tuple]:
+    """``[(line, record)]`` of a metrics JSONL file in order (``record`` a dict). A line
+    that is not a JSON object (a write cut by a kill) is left out and ``on_bad(lineno)``
+    called for it."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                out.append((line, rec))
+            elif on_bad is not None:
+                on_bad(lineno)
+    return out
+
+
+def read_metrics(path: str, on_bad=None) -> List[dict]:
+    """The records of a metrics JSONL file, one dict per line (:func:`read_lines`)."""
+    return [rec for _, rec in read_lines(path, on_bad)]
+
+
 def say(main: bool, msg: str) -> None:
     """Print a line on rank 0 without breaking the progress bar."""
     if main:
@@ -95,18 +120,13 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for lineno, line in enumerate(f, start=1):
-                    try:
-                        rec = json.loads(line) if line.strip() else None
-                    except ValueError:
-                        say(True, f"{self.path}:{lineno}: not a JSON line (cut by a kill?): dropped")
-                        continue
-                    if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                        if rec.get("split") == "eval" and rec.get("step") == resume_step:
-                            self.resumed_eval = {k: v for k, v in rec.items()
-                                                 if k not in ("split", "step", "run")}
+            cut = lambda n: say(True, f"{self.path}:{n}: not a JSON line (cut by a kill?): dropped")
+            for line, rec in read_lines(self.path, cut):
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                    if rec.get("split") == "eval" and rec.get("step") == resume_step:
+                        self.resumed_eval = {k: v for k, v in rec.items()
+                                             if k not in ("split", "step", "run")}
         atomic_write(self.path, "".join(kept))
 
     def write(self, rec: dict) -> None:

@@ -5,17 +5,11 @@ against what it kept (:func:`plot_frontier`)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 
 from minorsft.train.checkpoint import atomic_write
+from minorsft.train.metrics import read_metrics
 from minorsft.train.outdir import METRICS
-
-
-def read_metrics(path: str) -> list:
-    """The records of a metrics JSONL file (one dict per line)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_metrics(runs, path: str | None = None, *, title: str | None = None) -> str:
@@ -30,10 +24,7 @@ def plot_metrics(runs, path: str | None = None, *, title: str | None = None) -> 
     for file in files:
         if not os.path.isfile(file):
             raise ValueError(f"{file}: no such file (a run's output folder holds {METRICS})")
-        try:
-            recs = read_metrics(file)
-        except ValueError as e:   # not JSON lines
-            raise ValueError(f"{file}: {e}") from None
+        recs = read_metrics(file, lambda n, f=file: _refuse(f"{f}: line {n} is not JSON (cut by a kill?)"))
         folder = os.path.basename(os.path.dirname(os.path.abspath(file)))
         found.append((next((r["run"] for r in recs if r.get("run")), folder), file, recs))
     names = [name for name, _, _ in found]
@@ -41,6 +32,10 @@ def plot_metrics(runs, path: str | None = None, *, title: str | None = None) -> 
                for name, file, recs in found for r in recs]
     path = path or os.path.join(os.path.dirname(os.path.abspath(files[0])), "metrics.png")
     return plot_runs(records, path, title=title)
+
+
+def _refuse(message: str):
+    raise ValueError(message)
 
 
 def _folder(file: str) -> str:

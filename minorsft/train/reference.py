@@ -205,10 +205,12 @@ def setup_reference(policy, datasets, *, precompute: bool, dtype, device, policy
         kw = dict(collate_fn=lambda exs, k=ds.kind: collate_fn(exs, k), batch_size=batch_size,
                   max_length=max_length, cache_dir=cache_dir, temperature=temperature,
                   backend=backend, autocast_dtype=autocast_dtype, model_hash=model_hash)
-        if main:  # rank 0 fills the cache; the others then read it
-            precompute_reference_logprobs(ref, ds, log=log, **kw)
+        # rank 0 fills the cache and keeps its table; the others then read the cache
+        table = precompute_reference_logprobs(ref, ds, log=log, **kw)[0] if main else None
         barrier()
-        tables.append(precompute_reference_logprobs(ref, ds, log=lambda m: None, **kw)[0])
+        if table is None:
+            table = precompute_reference_logprobs(ref, ds, log=lambda m: None, **kw)[0]
+        tables.append(table)
     # On the device once: a per-step host-to-device copy would sync every micro-step.
     train_table, eval_table = (t.to(policy_device) if t is not None else None for t in tables)
     return ReferenceSetup(train_table=train_table, eval_table=eval_table)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from minorsft.train import tiny
-from minorsft.train.plots import read_metrics
+from minorsft.train.metrics import read_metrics
 from minorsft.train import TrainConfig, train
 from tests.util import ROOT, subprocess_env
 

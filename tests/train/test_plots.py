@@ -9,6 +9,7 @@ import pytest
 from minorsft import cli
 from minorsft.train import TrainConfig, train
 from minorsft.train import plots
+from minorsft.train.metrics import read_metrics
 
 # The loop, not the kernels: only the plain (PyTorch backend) pass of `make test`.
 pytestmark = pytest.mark.no_interpreter
@@ -38,7 +39,7 @@ def runs(tmp_path_factory, synth):
 
 
 def test_plot_command_draws_every_recorded_metric(runs, capsys):
-    recs = plots.read_metrics(str(runs / "minor" / "metrics.jsonl"))
+    recs = read_metrics(str(runs / "minor" / "metrics.jsonl"))
     assert {"loss", "deviation"} <= set(recs[0]) and any("accuracy" in r for r in recs)
     assert cli.main(["plot", str(runs / "minor")]) == 0
     out = runs / "minor" / "metrics.png"

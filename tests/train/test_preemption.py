@@ -1,7 +1,6 @@
 """Clean preemption: SIGTERM / SIGINT mid-run finish the step, write a checkpoint, print the
 command that resumes the run and exit 75 without a traceback; that command reproduces the
 uninterrupted run's losses exactly."""
-import json
 import os
 import shlex
 import signal
@@ -11,6 +10,7 @@ import pytest
 from minorsft import cli
 from minorsft.train import TrainConfig, train
 from minorsft.train.checkpoint import find_resume, latest_name
+from minorsft.train.metrics import read_metrics
 from minorsft.train.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from tests.train.child_run import Child
 
@@ -35,8 +35,7 @@ def _argv(synth, out):
 
 
 def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(os.path.join(out, "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
